@@ -1,0 +1,24 @@
+//! The LLaMA decoder of QTALE-rs, in tch, and everything needed to get real weights into it.
+//!
+//! * [`config`]: a serde mirror of HF `config.json`, resolved once into [`config::LlamaConfig`]; GGUF
+//!   `llama.*` metadata resolves into the same struct.
+//! * [`gguf`]: a GGUF v2/v3 reader (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized on load) and a writer.
+//! * [`weights`]: name-checked tensor maps from safetensors (single or sharded) and GGUF (HF names,
+//!   Q/K RoPE permutation undone), and the hf-hub cache resolver.
+//! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate, or built from GGUF metadata.
+//! * [`model`]: embedding, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, LM head, KV cache; the
+//!   decoder layer runs on any subset of tokens with given positions (the router crate relies on it).
+//! * [`convert`]: GGUF -> HF directory (safetensors + config.json + tokenizer.json).
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod gguf;
+pub mod load;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{HfConfig, LlamaConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use load::{load_model, LoadedModel, ModelSource};
+pub use model::{KvCache, Llama};

@@ -1,0 +1,202 @@
+//! One entry point for every checkpoint kind: a local HF directory, an HF repo id in the hf-hub cache, or
+//! a GGUF file. All three end in the same [`Llama`] and `tokenizers::Tokenizer`.
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{HfConfig, LlamaConfig};
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::model::{Attention, DecoderLayer, DenseLinear, Linear, Llama, Mlp, RmsNorm, Rope};
+use crate::tokenizer;
+use crate::weights::{resolve_hub_repo, safetensors_files, TensorMap};
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A directory with `config.json`, `model.safetensors` (or a sharded index) and `tokenizer.json`.
+    HfDir(PathBuf),
+    /// An HF repo id (`owner/name`, optionally `@revision`) resolved through the hf-hub cache.
+    Hub { repo_id: String, revision: Option<String> },
+    /// A `.gguf` file.
+    Gguf(PathBuf),
+}
+
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelSource::HfDir(p) => write!(f, "hf-dir:{}", p.display()),
+            ModelSource::Hub { repo_id, revision: None } => write!(f, "hub:{repo_id}"),
+            ModelSource::Hub { repo_id, revision: Some(r) } => write!(f, "hub:{repo_id}@{r}"),
+            ModelSource::Gguf(p) => write!(f, "gguf:{}", p.display()),
+        }
+    }
+}
+
+impl ModelSource {
+    /// Parse a `--model` argument: an existing `.gguf` file, an existing directory, or `owner/name[@rev]`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let p = Path::new(s);
+        if p.is_file() {
+            if p.extension().is_some_and(|e| e == "gguf") {
+                return Ok(ModelSource::Gguf(p.to_path_buf()));
+            }
+            return Err(ModelError::Input(format!("--model {s}: a file must be a .gguf checkpoint")));
+        }
+        if p.is_dir() {
+            return Ok(ModelSource::HfDir(p.to_path_buf()));
+        }
+        if s.ends_with(".gguf") || s.starts_with('/') || s.starts_with('.') {
+            return Err(ModelError::Input(format!("--model {s}: no such file or directory")));
+        }
+        let (repo, rev) = match s.split_once('@') {
+            Some((r, v)) => (r, Some(v.to_string())),
+            None => (s, None),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() == 2 && parts.iter().all(|x| !x.is_empty()) {
+            Ok(ModelSource::Hub { repo_id: repo.to_string(), revision: rev })
+        } else {
+            Err(ModelError::Input(format!(
+                "--model {s}: not an existing path and not a hub repo id of the form owner/name[@revision]"
+            )))
+        }
+    }
+}
+
+/// `$QTALE_HOME`, default `~/.cache/qtale` (where `scripts/setup.sh` puts the venv and the assets).
+pub fn qtale_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("QTALE_HOME") {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("qtale")
+}
+
+/// The default model: SmolLM2-135M-Instruct (Q4_1 GGUF) as unpacked by `scripts/setup.sh`.
+pub fn default_gguf_path() -> PathBuf {
+    qtale_home().join("assets").join("smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A loaded model with its tokenizer and where it came from.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub source: ModelSource,
+}
+
+/// Load any [`ModelSource`] onto `device` with weights stored and computed in `kind` (f32, or bf16 on CUDA).
+pub fn load_model(src: &ModelSource, device: Device, kind: Kind) -> Result<LoadedModel> {
+    let (model, tokenizer) = match src {
+        ModelSource::HfDir(dir) => load_hf_dir(dir, device, kind)?,
+        ModelSource::Hub { repo_id, revision } => {
+            let dir = resolve_hub_repo(repo_id, revision.as_deref(), &["config.json", "tokenizer.json"])?;
+            // Shards are checked by `safetensors_files` (each must be in the snapshot).
+            load_hf_dir(&dir, device, kind)?
+        }
+        ModelSource::Gguf(path) => {
+            let g = GgufFile::open(path)?;
+            let cfg = LlamaConfig::from_gguf(&g)?;
+            let tok = tokenizer::tokenizer_from_gguf(&g)?;
+            let map = TensorMap::from_gguf(&g, &cfg)?;
+            (Llama::from_tensors(cfg, map, device, kind)?, tok)
+        }
+    };
+    Ok(LoadedModel { model, tokenizer, source: src.clone() })
+}
+
+fn load_hf_dir(dir: &Path, device: Device, kind: Kind) -> Result<(Llama, tokenizers::Tokenizer)> {
+    let cfg_path = dir.join("config.json");
+    let cfg = HfConfig::from_file(&cfg_path)?.resolve(&cfg_path)?;
+    let tok = tokenizer::load_tokenizer(&dir.join("tokenizer.json"))?;
+    let model = load_hf_weights(dir, cfg, device, kind)?;
+    Ok((model, tok))
+}
+
+/// Load the weights of an HF directory for an already resolved config (no tokenizer needed).
+pub fn load_hf_weights(dir: &Path, cfg: LlamaConfig, device: Device, kind: Kind) -> Result<Llama> {
+    let files = safetensors_files(dir)?;
+    let map = TensorMap::from_safetensors(&files)?;
+    Llama::from_tensors(cfg, map, device, kind)
+}
+
+impl Llama {
+    /// Build the decoder from a name-checked tensor map (every missing, unexpected or mis-shaped tensor
+    /// is an error), moving weights to `device` in `kind`.
+    pub fn from_tensors(cfg: LlamaConfig, mut map: TensorMap, device: Device, kind: Kind) -> Result<Self> {
+        map.check(&cfg)?;
+        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            return Err(ModelError::Input(format!("unsupported compute dtype {kind:?} (f32, bf16 or f16)")));
+        }
+        let mut get = |name: &str| -> Result<Tensor> { Ok(map.take(name)?.to_kind(kind).to_device(device)) };
+        let lin = |get: &mut dyn FnMut(&str) -> Result<Tensor>, p: &str, bias: bool| -> Result<Box<dyn Linear>> {
+            let weight = get(&format!("{p}.weight"))?;
+            let bias = if bias { Some(get(&format!("{p}.bias"))?) } else { None };
+            Ok(Box::new(DenseLinear { weight, bias }))
+        };
+        let eps = cfg.rms_norm_eps;
+        let embed_tokens = get("model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm { weight: get(&format!("{p}.input_layernorm.weight"))?, eps },
+                self_attn: Attention {
+                    q_proj: lin(&mut get, &format!("{p}.self_attn.q_proj"), ab)?,
+                    k_proj: lin(&mut get, &format!("{p}.self_attn.k_proj"), ab)?,
+                    v_proj: lin(&mut get, &format!("{p}.self_attn.v_proj"), ab)?,
+                    o_proj: lin(&mut get, &format!("{p}.self_attn.o_proj"), ab)?,
+                    num_heads: cfg.num_attention_heads as i64,
+                    num_kv_heads: cfg.num_key_value_heads as i64,
+                    head_dim: cfg.head_dim as i64,
+                },
+                post_attention_layernorm: RmsNorm {
+                    weight: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                    eps,
+                },
+                mlp: Mlp {
+                    gate_proj: lin(&mut get, &format!("{p}.mlp.gate_proj"), mb)?,
+                    up_proj: lin(&mut get, &format!("{p}.mlp.up_proj"), mb)?,
+                    down_proj: lin(&mut get, &format!("{p}.mlp.down_proj"), mb)?,
+                },
+            });
+        }
+        let norm = RmsNorm { weight: get("model.norm.weight")?, eps };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
+        let rope = Rope::new(&cfg, device);
+        Ok(Llama { config: cfg, embed_tokens, layers, norm, lm_head, rope, device, kind })
+    }
+}
+
+/// Parse `--device`: `cpu`, `cuda` or `cuda:N`; CUDA must be available.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let dev = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => return Err(ModelError::Input(format!("--device {s}: expected cpu, cuda or cuda:N"))),
+        },
+    };
+    if let Device::Cuda(n) = dev {
+        let count = tch::Cuda::device_count() as usize;
+        if n >= count {
+            return Err(ModelError::Input(format!("--device {s}: CUDA device {n} not available ({count} found)")));
+        }
+    }
+    Ok(dev)
+}
+
+/// Parse `--dtype`: `f32` or `bf16` (bf16 is for CUDA; on CPU it is refused, libtorch has no fast path).
+pub fn parse_dtype(s: &str, device: Device) -> Result<Kind> {
+    match s {
+        "f32" | "float32" => Ok(Kind::Float),
+        "bf16" | "bfloat16" if device.is_cuda() => Ok(Kind::BFloat16),
+        "bf16" | "bfloat16" => Err(ModelError::Input(
+            "--dtype bf16 needs --device cuda: this CPU build of libtorch has no fast bf16 matmul".into(),
+        )),
+        _ => Err(ModelError::Input(format!("--dtype {s}: expected f32 or bf16"))),
+    }
+}

@@ -1,0 +1,34 @@
+//! Convert a GGUF llama checkpoint into an HF directory (safetensors + config.json + tokenizer.json).
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use qtale_model::convert::{gguf_to_hf_dir, SaveDtype};
+
+#[derive(Parser, Debug)]
+#[command(about = "Convert a GGUF llama checkpoint into an HF directory usable by transformers and qtale")]
+struct Args {
+    /// Input .gguf file (default: SmolLM2-135M-Instruct from the set-up).
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Storage dtype of the weights: f32 (exact for Q4/Q8 sources), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: SaveDtype,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let gguf = args.gguf.unwrap_or_else(qtale_model::load::default_gguf_path);
+    let cfg = gguf_to_hf_dir(&gguf, &args.out, args.dtype)?;
+    println!(
+        "wrote {} ({} layers, vocab {}, tied head: {})",
+        args.out.display(),
+        cfg.num_hidden_layers,
+        cfg.vocab_size,
+        cfg.tie_word_embeddings
+    );
+    Ok(())
+}
