@@ -3,12 +3,10 @@ use anyhow::{Context, Result};
 use qtale_model::load::{default_gguf_path, parse_device, parse_dtype};
 use qtale_model::{load_model, LoadedModel, ModelSource};
 
-/// A fixed English paragraph (written for this project) used for the quickstart's perplexity.
-pub const PARAGRAPH: &str = "The old lighthouse stood at the end of the harbour for more than a hundred years. \
-Every evening the keeper climbed the narrow stairs, cleaned the glass and lit the lamp, so that the fishing boats \
-could find their way home through the fog. When the town grew and the harbour was rebuilt, an automatic light \
-replaced him, but people still walked out along the pier on summer nights to watch the beam turn slowly over the \
-dark water.";
+/// A fixed English paragraph for the quickstart's perplexity. It is the paragraph of the parity fixture
+/// `crates/qtale-model/tests/fixtures/smollm2_logits.json` (HF transformers: perplexity 13.365 for
+/// SmolLM2-135M-Instruct, no BOS), so the printed number can be checked against a reference.
+pub const PARAGRAPH: &str = "The river runs through the middle of the town, and most of the old houses were built close to its banks. In the spring, when the snow melts in the mountains, the water rises quickly and sometimes floods the lower streets. For this reason, the town council decided many years ago to build a stone wall along the river. Today the wall is a popular place for people to walk in the evening, and children often sit on it to watch the boats go by. Visitors who come to the town in summer can rent a small boat and row up the river to the lake, where there is a quiet beach and a restaurant that serves fresh fish.";
 
 /// Resolve `--model` (empty = the default SmolLM2 GGUF from the set-up), `--device` and `--dtype`, then load.
 pub fn load_from_args(model: Option<&str>, device: &str, dtype: &str) -> Result<LoadedModel> {
@@ -27,4 +25,19 @@ pub fn load_from_args(model: Option<&str>, device: &str, dtype: &str) -> Result<
     let device = parse_device(device)?;
     let kind = parse_dtype(dtype, device)?;
     load_model(&src, device, kind).with_context(|| format!("loading {src}"))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The paragraph must stay the fixture's, or the quickstart's number loses its reference.
+    #[test]
+    fn paragraph_is_the_fixture_paragraph() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../crates/qtale-model/tests/fixtures/smollm2_logits.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(v["ppl"]["text"].as_str().unwrap(), super::PARAGRAPH);
+    }
 }

@@ -29,7 +29,10 @@ fn matmul(c: &mut Criterion) {
 fn smollm2(c: &mut Criterion, device: Device, kind: Kind, label: &str) {
     let path = default_gguf_path();
     if !path.is_file() {
-        eprintln!("skipping SmolLM2 benches: {} missing (run scripts/setup.sh)", path.display());
+        eprintln!(
+            "skipping SmolLM2 benches: {} missing (run scripts/setup.sh)",
+            path.display()
+        );
         return;
     }
     let lm = load_model(&ModelSource::Gguf(path), device, kind).expect("load SmolLM2");

@@ -93,6 +93,11 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<u32>,
 }
 
+/// True for finite-or-infinite positive values; false for zero, negatives and NaN.
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
 fn token_id(path: &Path, field: &str, v: &Option<serde_json::Value>) -> Result<Option<u32>> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
@@ -102,34 +107,44 @@ fn token_id(path: &Path, field: &str, v: &Option<serde_json::Value>) -> Result<O
             .map(Some)
             .ok_or_else(|| ModelError::config(path, field, format!("not a token id: {n}"))),
         // HF allows a list of eos ids; the first one is the canonical one.
-        Some(serde_json::Value::Array(a)) if !a.is_empty() => token_id(path, field, &Some(a[0].clone())),
-        Some(other) => Err(ModelError::config(path, field, format!("not a token id: {other}"))),
+        Some(serde_json::Value::Array(a)) if !a.is_empty() => {
+            token_id(path, field, &Some(a[0].clone()))
+        }
+        Some(other) => Err(ModelError::config(
+            path,
+            field,
+            format!("not a token id: {other}"),
+        )),
     }
 }
 
 impl RopeScaling {
     /// Parse HF `rope_scaling` (`null`, or an object with `rope_type`/`type`).
     pub fn from_hf(path: &Path, v: &Option<serde_json::Value>) -> Result<Self> {
-        let Some(v) = v else { return Ok(RopeScaling::Default) };
+        let Some(v) = v else {
+            return Ok(RopeScaling::Default);
+        };
         if v.is_null() {
             return Ok(RopeScaling::Default);
         }
-        let obj = v
-            .as_object()
-            .ok_or_else(|| ModelError::config(path, "rope_scaling", "expected an object or null"))?;
+        let obj = v.as_object().ok_or_else(|| {
+            ModelError::config(path, "rope_scaling", "expected an object or null")
+        })?;
         let ty = obj
             .get("rope_type")
             .or_else(|| obj.get("type"))
             .and_then(|t| t.as_str())
             .ok_or_else(|| ModelError::config(path, "rope_scaling.rope_type", "missing"))?;
         let num = |k: &str| -> Result<f64> {
-            obj.get(k)
-                .and_then(|x| x.as_f64())
-                .ok_or_else(|| ModelError::config(path, format!("rope_scaling.{k}"), "missing or not a number"))
+            obj.get(k).and_then(|x| x.as_f64()).ok_or_else(|| {
+                ModelError::config(path, format!("rope_scaling.{k}"), "missing or not a number")
+            })
         };
         let s = match ty {
             "default" => RopeScaling::Default,
-            "linear" => RopeScaling::Linear { factor: num("factor")? },
+            "linear" => RopeScaling::Linear {
+                factor: num("factor")?,
+            },
             "llama3" => RopeScaling::Llama3 {
                 factor: num("factor")?,
                 low_freq_factor: num("low_freq_factor")?,
@@ -149,14 +164,25 @@ impl RopeScaling {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |f: &str, m: &str| Err(ModelError::config(path, format!("rope_scaling.{f}"), m.to_string()));
+        let bad = |f: &str, m: &str| {
+            Err(ModelError::config(
+                path,
+                format!("rope_scaling.{f}"),
+                m.to_string(),
+            ))
+        };
         match *self {
             RopeScaling::Default => Ok(()),
-            RopeScaling::Linear { factor } if !(factor > 0.0) => bad("factor", "must be > 0"),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                if !(factor > 0.0) {
+            RopeScaling::Linear { factor } if !positive(factor) => bad("factor", "must be > 0"),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                if !positive(factor) {
                     bad("factor", "must be > 0")
-                } else if !(high_freq_factor > low_freq_factor) {
+                } else if !positive(high_freq_factor - low_freq_factor) {
                     bad("high_freq_factor", "must be greater than low_freq_factor")
                 } else if original_max_position_embeddings == 0 {
                     bad("original_max_position_embeddings", "must be > 0")
@@ -184,7 +210,12 @@ impl RopeScaling {
         match *self {
             RopeScaling::Default => base,
             RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old = original_max_position_embeddings as f64;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
@@ -196,7 +227,8 @@ impl RopeScaling {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -226,7 +258,11 @@ impl HfConfig {
     pub fn resolve(&self, path: &Path) -> Result<LlamaConfig> {
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(ModelError::config(path, "hidden_act", format!("unsupported `{act}` (only silu)")));
+                return Err(ModelError::config(
+                    path,
+                    "hidden_act",
+                    format!("unsupported `{act}` (only silu)"),
+                ));
             }
         }
         let heads = self.num_attention_heads;
@@ -237,7 +273,9 @@ impl HfConfig {
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
-            head_dim: self.head_dim.unwrap_or(if heads > 0 { self.hidden_size / heads } else { 0 }),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size.checked_div(heads).unwrap_or(0)),
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: self.rope_theta.unwrap_or(10000.0),
@@ -270,7 +308,10 @@ impl LlamaConfig {
                 return err(f, "must be > 0".into());
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return err(
                 "num_key_value_heads",
                 format!(
@@ -279,13 +320,16 @@ impl LlamaConfig {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
-            return err("head_dim", format!("{} must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return err(
+                "head_dim",
+                format!("{} must be even for RoPE", self.head_dim),
+            );
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if !positive(self.rms_norm_eps) {
             return err("rms_norm_eps", format!("{} must be > 0", self.rms_norm_eps));
         }
-        if !(self.rope_theta > 0.0) {
+        if !positive(self.rope_theta) {
             return err("rope_theta", format!("{} must be > 0", self.rope_theta));
         }
         Ok(())
@@ -317,7 +361,13 @@ impl LlamaConfig {
                 .get("tokenizer.ggml.tokens")
                 .and_then(|v| v.as_array())
                 .map(|a| a.len())
-                .ok_or_else(|| ModelError::config(&path, "llama.vocab_size", "missing (and no tokenizer.ggml.tokens)"))?,
+                .ok_or_else(|| {
+                    ModelError::config(
+                        &path,
+                        "llama.vocab_size",
+                        "missing (and no tokenizer.ggml.tokens)",
+                    )
+                })?,
         };
         let head_dim = match g.get("llama.rope.dimension_count").and_then(|v| v.as_u64()) {
             Some(d) => d as usize,
@@ -327,7 +377,9 @@ impl LlamaConfig {
         let opt_f = |k: &str| g.get(k).and_then(|v| v.as_f64());
         let rope_scaling = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
             None | Some("none") => RopeScaling::Default,
-            Some("linear") => RopeScaling::Linear { factor: g.get_f64("llama.rope.scaling.factor")? },
+            Some("linear") => RopeScaling::Linear {
+                factor: g.get_f64("llama.rope.scaling.factor")?,
+            },
             Some(other) => {
                 return Err(ModelError::config(
                     &path,
@@ -398,7 +450,10 @@ impl LlamaConfig {
         let kv = self.num_key_value_heads * self.head_dim;
         let per_layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d;
         let embed = self.vocab_size * d;
-        embed + if self.tie_word_embeddings { 0 } else { embed } + self.num_hidden_layers * per_layer + d
+        embed
+            + if self.tie_word_embeddings { 0 } else { embed }
+            + self.num_hidden_layers * per_layer
+            + d
     }
 }
 
@@ -439,7 +494,10 @@ mod tests {
         let got = s.inv_freq(8, 500000.0);
         assert_eq!(got[0], base[0]); // high frequency kept
         for i in 1..4 {
-            assert!((got[i] - base[i] / 8.0).abs() < 1e-15, "low frequency {i} divided by factor");
+            assert!(
+                (got[i] - base[i] / 8.0).abs() < 1e-15,
+                "low frequency {i} divided by factor"
+            );
         }
         let lin = RopeScaling::Linear { factor: 2.0 }.inv_freq(8, 10000.0);
         assert!((lin[1] - 0.5 * 10000f64.powf(-0.25)).abs() < 1e-15);
@@ -453,7 +511,10 @@ mod tests {
         std::fs::write(&p, r#"{"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#)
             .unwrap();
         let msg = HfConfig::from_file(&p).unwrap_err().to_string();
-        assert!(msg.contains("intermediate_size") && msg.contains("config.json"), "{msg}");
+        assert!(
+            msg.contains("intermediate_size") && msg.contains("config.json"),
+            "{msg}"
+        );
 
         let msg = parse(
             r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
@@ -468,7 +529,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(msg.contains("rope_scaling.rope_type") && msg.contains("yarn"), "{msg}");
+        assert!(
+            msg.contains("rope_scaling.rope_type") && msg.contains("yarn"),
+            "{msg}"
+        );
         let msg = parse(
             r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
                 "num_attention_heads": 2, "rope_scaling": {"type": "linear"}}"#,

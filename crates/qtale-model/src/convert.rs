@@ -29,7 +29,9 @@ impl std::str::FromStr for SaveDtype {
             "f32" => Ok(SaveDtype::F32),
             "f16" => Ok(SaveDtype::F16),
             "bf16" => Ok(SaveDtype::BF16),
-            _ => Err(ModelError::Input(format!("dtype {s}: expected f32, f16 or bf16"))),
+            _ => Err(ModelError::Input(format!(
+                "dtype {s}: expected f32, f16 or bf16"
+            ))),
         }
     }
 }
@@ -60,8 +62,16 @@ pub fn gguf_to_hf_dir(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<Llama
         .map(|t| {
             let b: Vec<u8> = match dtype {
                 SaveDtype::F32 => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                SaveDtype::F16 => t.data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-                SaveDtype::BF16 => t.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+                SaveDtype::F16 => t
+                    .data
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+                SaveDtype::BF16 => t
+                    .data
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
             };
             (t.name, t.shape, b)
         })
@@ -73,25 +83,37 @@ pub fn gguf_to_hf_dir(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<Llama
     };
     let mut views = Vec::with_capacity(bytes.len());
     for (name, shape, b) in &bytes {
-        let view = TensorView::new(st_dtype, shape.clone(), b)
-            .map_err(|e| ModelError::Safetensors { path: out.join("model.safetensors"), msg: format!("{name}: {e:?}") })?;
+        let view =
+            TensorView::new(st_dtype, shape.clone(), b).map_err(|e| ModelError::Safetensors {
+                path: out.join("model.safetensors"),
+                msg: format!("{name}: {e:?}"),
+            })?;
         views.push((name.clone(), view));
     }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("converted_from".to_string(), gguf.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+    meta.insert(
+        "converted_from".to_string(),
+        gguf.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
     let st_path = out.join("model.safetensors");
-    let data = safetensors::serialize(views, &Some(meta))
-        .map_err(|e| ModelError::Safetensors { path: st_path.clone(), msg: format!("{e:?}") })?;
+    let data = safetensors::serialize(views, &Some(meta)).map_err(|e| ModelError::Safetensors {
+        path: st_path.clone(),
+        msg: format!("{e:?}"),
+    })?;
     write_atomic(&st_path, &data)?;
 
     let mut hf = cfg.to_hf();
-    hf.torch_dtype = Some(match dtype {
-        SaveDtype::F32 => "float32",
-        SaveDtype::F16 => "float16",
-        SaveDtype::BF16 => "bfloat16",
-    }
-    .into());
+    hf.torch_dtype = Some(
+        match dtype {
+            SaveDtype::F32 => "float32",
+            SaveDtype::F16 => "float16",
+            SaveDtype::BF16 => "bfloat16",
+        }
+        .into(),
+    );
     write_atomic(&out.join("config.json"), &to_json_bytes(&hf))?;
     write_atomic(&out.join("tokenizer.json"), &to_json_bytes(&tokenizer))?;
 
@@ -100,7 +122,10 @@ pub fn gguf_to_hf_dir(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<Llama
     // config.json and prepend BOS, changing every score.
     let tok = crate::tokenizer::tokenizer_from_gguf(&g)?;
     let name_of = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
-    let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+    let add_bos = g
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     let tok_cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": add_bos,

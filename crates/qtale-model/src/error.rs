@@ -65,7 +65,11 @@ impl ModelError {
         }
     }
 
-    pub fn config(path: impl Into<PathBuf>, field: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub fn config(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
         ModelError::Config {
             path: path.into(),
             field: field.into(),

@@ -386,12 +386,6 @@ pub enum GgufError {
     BadAlignment { path: PathBuf, value: u64 },
     #[error("{path}: {what}")]
     TooLarge { path: PathBuf, what: String },
-    #[error("{path}: metadata key `{key}`: {msg}")]
-    InvalidValue {
-        path: PathBuf,
-        key: String,
-        msg: String,
-    },
     /// A buffer handed to [`dequantize_into`] or [`quantize`] does not match the element count.
     #[error("{what}: {msg}")]
     BadLength { what: String, msg: String },

@@ -18,7 +18,10 @@ pub enum ModelSource {
     /// A directory with `config.json`, `model.safetensors` (or a sharded index) and `tokenizer.json`.
     HfDir(PathBuf),
     /// An HF repo id (`owner/name`, optionally `@revision`) resolved through the hf-hub cache.
-    Hub { repo_id: String, revision: Option<String> },
+    Hub {
+        repo_id: String,
+        revision: Option<String>,
+    },
     /// A `.gguf` file.
     Gguf(PathBuf),
 }
@@ -27,8 +30,14 @@ impl fmt::Display for ModelSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ModelSource::HfDir(p) => write!(f, "hf-dir:{}", p.display()),
-            ModelSource::Hub { repo_id, revision: None } => write!(f, "hub:{repo_id}"),
-            ModelSource::Hub { repo_id, revision: Some(r) } => write!(f, "hub:{repo_id}@{r}"),
+            ModelSource::Hub {
+                repo_id,
+                revision: None,
+            } => write!(f, "hub:{repo_id}"),
+            ModelSource::Hub {
+                repo_id,
+                revision: Some(r),
+            } => write!(f, "hub:{repo_id}@{r}"),
             ModelSource::Gguf(p) => write!(f, "gguf:{}", p.display()),
         }
     }
@@ -42,13 +51,17 @@ impl ModelSource {
             if p.extension().is_some_and(|e| e == "gguf") {
                 return Ok(ModelSource::Gguf(p.to_path_buf()));
             }
-            return Err(ModelError::Input(format!("--model {s}: a file must be a .gguf checkpoint")));
+            return Err(ModelError::Input(format!(
+                "--model {s}: a file must be a .gguf checkpoint"
+            )));
         }
         if p.is_dir() {
             return Ok(ModelSource::HfDir(p.to_path_buf()));
         }
         if s.ends_with(".gguf") || s.starts_with('/') || s.starts_with('.') {
-            return Err(ModelError::Input(format!("--model {s}: no such file or directory")));
+            return Err(ModelError::Input(format!(
+                "--model {s}: no such file or directory"
+            )));
         }
         let (repo, rev) = match s.split_once('@') {
             Some((r, v)) => (r, Some(v.to_string())),
@@ -56,7 +69,10 @@ impl ModelSource {
         };
         let parts: Vec<&str> = repo.split('/').collect();
         if parts.len() == 2 && parts.iter().all(|x| !x.is_empty()) {
-            Ok(ModelSource::Hub { repo_id: repo.to_string(), revision: rev })
+            Ok(ModelSource::Hub {
+                repo_id: repo.to_string(),
+                revision: rev,
+            })
         } else {
             Err(ModelError::Input(format!(
                 "--model {s}: not an existing path and not a hub repo id of the form owner/name[@revision]"
@@ -70,13 +86,18 @@ pub fn qtale_home() -> PathBuf {
     if let Some(h) = std::env::var_os("QTALE_HOME") {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("qtale")
 }
 
 /// The default model: SmolLM2-135M-Instruct (Q4_1 GGUF) as unpacked by `scripts/setup.sh`.
 pub fn default_gguf_path() -> PathBuf {
-    qtale_home().join("assets").join("smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    qtale_home()
+        .join("assets")
+        .join("smollm2")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 /// A loaded model with its tokenizer and where it came from.
@@ -91,7 +112,11 @@ pub fn load_model(src: &ModelSource, device: Device, kind: Kind) -> Result<Loade
     let (model, tokenizer) = match src {
         ModelSource::HfDir(dir) => load_hf_dir(dir, device, kind)?,
         ModelSource::Hub { repo_id, revision } => {
-            let dir = resolve_hub_repo(repo_id, revision.as_deref(), &["config.json", "tokenizer.json"])?;
+            let dir = resolve_hub_repo(
+                repo_id,
+                revision.as_deref(),
+                &["config.json", "tokenizer.json"],
+            )?;
             // Shards are checked by `safetensors_files` (each must be in the snapshot).
             load_hf_dir(&dir, device, kind)?
         }
@@ -103,7 +128,11 @@ pub fn load_model(src: &ModelSource, device: Device, kind: Kind) -> Result<Loade
             (Llama::from_tensors(cfg, map, device, kind)?, tok)
         }
     };
-    Ok(LoadedModel { model, tokenizer, source: src.clone() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source: src.clone(),
+    })
 }
 
 fn load_hf_dir(dir: &Path, device: Device, kind: Kind) -> Result<(Llama, tokenizers::Tokenizer)> {
@@ -124,15 +153,30 @@ pub fn load_hf_weights(dir: &Path, cfg: LlamaConfig, device: Device, kind: Kind)
 impl Llama {
     /// Build the decoder from a name-checked tensor map (every missing, unexpected or mis-shaped tensor
     /// is an error), moving weights to `device` in `kind`.
-    pub fn from_tensors(cfg: LlamaConfig, mut map: TensorMap, device: Device, kind: Kind) -> Result<Self> {
+    pub fn from_tensors(
+        cfg: LlamaConfig,
+        mut map: TensorMap,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
         map.check(&cfg)?;
         if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
-            return Err(ModelError::Input(format!("unsupported compute dtype {kind:?} (f32, bf16 or f16)")));
+            return Err(ModelError::Input(format!(
+                "unsupported compute dtype {kind:?} (f32, bf16 or f16)"
+            )));
         }
-        let mut get = |name: &str| -> Result<Tensor> { Ok(map.take(name)?.to_kind(kind).to_device(device)) };
-        let lin = |get: &mut dyn FnMut(&str) -> Result<Tensor>, p: &str, bias: bool| -> Result<Box<dyn Linear>> {
+        let mut get =
+            |name: &str| -> Result<Tensor> { Ok(map.take(name)?.to_kind(kind).to_device(device)) };
+        let lin = |get: &mut dyn FnMut(&str) -> Result<Tensor>,
+                   p: &str,
+                   bias: bool|
+         -> Result<Box<dyn Linear>> {
             let weight = get(&format!("{p}.weight"))?;
-            let bias = if bias { Some(get(&format!("{p}.bias"))?) } else { None };
+            let bias = if bias {
+                Some(get(&format!("{p}.bias"))?)
+            } else {
+                None
+            };
             Ok(Box::new(DenseLinear { weight, bias }))
         };
         let eps = cfg.rms_norm_eps;
@@ -142,7 +186,10 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm { weight: get(&format!("{p}.input_layernorm.weight"))?, eps },
+                input_layernorm: RmsNorm {
+                    weight: get(&format!("{p}.input_layernorm.weight"))?,
+                    eps,
+                },
                 self_attn: Attention {
                     q_proj: lin(&mut get, &format!("{p}.self_attn.q_proj"), ab)?,
                     k_proj: lin(&mut get, &format!("{p}.self_attn.k_proj"), ab)?,
@@ -163,10 +210,26 @@ impl Llama {
                 },
             });
         }
-        let norm = RmsNorm { weight: get("model.norm.weight")?, eps };
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
+        let norm = RmsNorm {
+            weight: get("model.norm.weight")?,
+            eps,
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight")?)
+        };
         let rope = Rope::new(&cfg, device);
-        Ok(Llama { config: cfg, embed_tokens, layers, norm, lm_head, rope, device, kind })
+        Ok(Llama {
+            config: cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device,
+            kind,
+        })
     }
 }
 
@@ -175,15 +238,24 @@ pub fn parse_device(s: &str) -> Result<Device> {
     let dev = match s {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        _ => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Device::Cuda(n),
-            None => return Err(ModelError::Input(format!("--device {s}: expected cpu, cuda or cuda:N"))),
+            None => {
+                return Err(ModelError::Input(format!(
+                    "--device {s}: expected cpu, cuda or cuda:N"
+                )))
+            }
         },
     };
     if let Device::Cuda(n) = dev {
         let count = tch::Cuda::device_count() as usize;
         if n >= count {
-            return Err(ModelError::Input(format!("--device {s}: CUDA device {n} not available ({count} found)")));
+            return Err(ModelError::Input(format!(
+                "--device {s}: CUDA device {n} not available ({count} found)"
+            )));
         }
     }
     Ok(dev)
@@ -195,8 +267,11 @@ pub fn parse_dtype(s: &str, device: Device) -> Result<Kind> {
         "f32" | "float32" => Ok(Kind::Float),
         "bf16" | "bfloat16" if device.is_cuda() => Ok(Kind::BFloat16),
         "bf16" | "bfloat16" => Err(ModelError::Input(
-            "--dtype bf16 needs --device cuda: this CPU build of libtorch has no fast bf16 matmul".into(),
+            "--dtype bf16 needs --device cuda: this CPU build of libtorch has no fast bf16 matmul"
+                .into(),
         )),
-        _ => Err(ModelError::Input(format!("--dtype {s}: expected f32 or bf16"))),
+        _ => Err(ModelError::Input(format!(
+            "--dtype {s}: expected f32 or bf16"
+        ))),
     }
 }

@@ -83,7 +83,9 @@ impl Rope {
             .into_iter()
             .map(|x| x as f32)
             .collect();
-        Rope { inv_freq: Tensor::from_slice(&f).to_device(device) }
+        Rope {
+            inv_freq: Tensor::from_slice(&f).to_device(device),
+        }
     }
 
     /// `(cos, sin)` of shape `[B, 1, T, head_dim]` for positions `[B, T]`, in `kind`. Angles are
@@ -167,7 +169,10 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: (0..num_layers).map(|_| LayerCache::default()).collect(), next_pos: None }
+        KvCache {
+            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
+            next_pos: None,
+        }
     }
 
     /// K/V bytes held for valid keys, over all layers.
@@ -180,7 +185,10 @@ impl KvCache {
 /// `k_pos[j] <= q_pos[i]`. Rows with no visible key (padding queries) see every key instead, so the
 /// softmax stays finite; their outputs are never read.
 pub fn attention_mask(q_pos: &Tensor, k_pos: &Tensor, k_valid: &Tensor) -> Tensor {
-    let mask = k_pos.unsqueeze(1).le_tensor(&q_pos.unsqueeze(2)).logical_and(&k_valid.unsqueeze(1));
+    let mask = k_pos
+        .unsqueeze(1)
+        .le_tensor(&q_pos.unsqueeze(2))
+        .logical_and(&k_valid.unsqueeze(1));
     let any = mask.any_dim(-1, true);
     mask.logical_or(&any.logical_not()).unsqueeze(1)
 }
@@ -221,13 +229,20 @@ impl Attention {
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
         let groups = self.num_heads / self.num_kv_heads;
         let (k, v) = if groups > 1 {
-            (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None))
+            (
+                k.repeat_interleave_self_int(groups, 1, None),
+                v.repeat_interleave_self_int(groups, 1, None),
+            )
         } else {
             (k.shallow_clone(), v.shallow_clone())
         };
-        let out = Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, None, false);
+        let out =
+            Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, None, false);
         let s = out.size();
-        let out = out.transpose(1, 2).contiguous().view([s[0], s[2], s[1] * s[3]]);
+        let out = out
+            .transpose(1, 2)
+            .contiguous()
+            .view([s[0], s[2], s[1] * s[3]]);
         self.o_proj.forward(&out)
     }
 }
@@ -242,7 +257,8 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
     }
 }
 
@@ -330,16 +346,26 @@ impl Llama {
         n += self.lm_head.as_ref().map_or(0, tensor_bytes);
         for l in &self.layers {
             let a = &l.self_attn;
-            n += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().map(|p| p.weight_bytes()).sum::<usize>();
-            n += [&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].iter().map(|p| p.weight_bytes()).sum::<usize>();
-            n += tensor_bytes(&l.input_layernorm.weight) + tensor_bytes(&l.post_attention_layernorm.weight);
+            n += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+                .iter()
+                .map(|p| p.weight_bytes())
+                .sum::<usize>();
+            n += [&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]
+                .iter()
+                .map(|p| p.weight_bytes())
+                .sum::<usize>();
+            n += tensor_bytes(&l.input_layernorm.weight)
+                + tensor_bytes(&l.post_attention_layernorm.weight);
         }
         n
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<()> {
         if ids.dim() != 2 {
-            return Err(ModelError::Input(format!("input ids must be [batch, seq], got {:?}", ids.size())));
+            return Err(ModelError::Input(format!(
+                "input ids must be [batch, seq], got {:?}",
+                ids.size()
+            )));
         }
         if ids.numel() > 0 {
             let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
@@ -393,7 +419,10 @@ impl Llama {
         }
         let start = match &cache.next_pos {
             Some(p) if p.size()[0] != b => {
-                return Err(ModelError::Input(format!("KV cache batch {} != input batch {b}", p.size()[0])))
+                return Err(ModelError::Input(format!(
+                    "KV cache batch {} != input batch {b}",
+                    p.size()[0]
+                )))
             }
             Some(p) => p.shallow_clone(),
             None => Tensor::zeros([b], (Kind::Int64, self.device)),
@@ -415,7 +444,9 @@ impl Llama {
     /// Mean next-token negative log-likelihood of one sequence (no padding), in nats.
     pub fn sequence_nll(&self, ids: &[i64]) -> Result<f64> {
         if ids.len() < 2 {
-            return Err(ModelError::Input("need at least two tokens to score".into()));
+            return Err(ModelError::Input(
+                "need at least two tokens to score".into(),
+            ));
         }
         let _guard = tch::no_grad_guard();
         let t = Tensor::from_slice(ids).view([1, -1]);
@@ -428,7 +459,12 @@ impl Llama {
     }
 
     /// Greedy decoding of one prompt with the KV cache; stops after `max_new` tokens or at `eos`.
-    pub fn generate_greedy(&self, prompt: &[i64], max_new: usize, eos: Option<i64>) -> Result<Vec<i64>> {
+    pub fn generate_greedy(
+        &self,
+        prompt: &[i64],
+        max_new: usize,
+        eos: Option<i64>,
+    ) -> Result<Vec<i64>> {
         if prompt.is_empty() {
             return Err(ModelError::Input("empty prompt".into()));
         }

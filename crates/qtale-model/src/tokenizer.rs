@@ -123,6 +123,8 @@ pub fn tokenizer_json_from_gguf(g: &GgufFile) -> Result<Value> {
         ),
     };
     let pre_tokenizer = pre_tokenizer_json(pre).map_err(&err)?;
+    // LLaMA-3's HF tokenizer takes a pre-token that is already a vocabulary entry as is.
+    let ignore_merges = matches!(pre, Some("llama-bpe" | "llama3" | "llama-v3"));
 
     // The vocabulary; a token that repeats keeps its first id.
     let mut vocab = Map::with_capacity(tokens.len());
@@ -231,7 +233,7 @@ pub fn tokenizer_json_from_gguf(g: &GgufFile) -> Result<Value> {
             "end_of_word_suffix": null,
             "fuse_unk": false,
             "byte_fallback": false,
-            "ignore_merges": false,
+            "ignore_merges": ignore_merges,
             "vocab": vocab,
             "merges": merges,
         },

@@ -17,7 +17,10 @@ pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<i64>)> {
     let q = (cfg.num_attention_heads * cfg.head_dim) as i64;
     let kv = (cfg.num_key_value_heads * cfg.head_dim) as i64;
     let ff = cfg.intermediate_size as i64;
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size as i64, d])];
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size as i64, d],
+    )];
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         v.push((format!("{p}.input_layernorm.weight"), vec![d]));
@@ -67,10 +70,16 @@ impl TensorMap {
     pub fn check(&self, cfg: &LlamaConfig) -> Result<()> {
         let expected = expected_tensors(cfg);
         let want: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        let missing: Vec<String> =
-            expected.iter().filter(|(n, _)| !self.tensors.contains_key(n)).map(|(n, _)| n.clone()).collect();
+        let missing: Vec<String> = expected
+            .iter()
+            .filter(|(n, _)| !self.tensors.contains_key(n))
+            .map(|(n, _)| n.clone())
+            .collect();
         if !missing.is_empty() {
-            return Err(ModelError::MissingTensors { source_name: self.source_name.clone(), names: missing });
+            return Err(ModelError::MissingTensors {
+                source_name: self.source_name.clone(),
+                names: missing,
+            });
         }
         let unexpected: Vec<String> = self
             .tensors
@@ -79,7 +88,10 @@ impl TensorMap {
             .cloned()
             .collect();
         if !unexpected.is_empty() {
-            return Err(ModelError::UnexpectedTensors { source_name: self.source_name.clone(), names: unexpected });
+            return Err(ModelError::UnexpectedTensors {
+                source_name: self.source_name.clone(),
+                names: unexpected,
+            });
         }
         for (name, shape) in &expected {
             let got = self.tensors[name].size();
@@ -97,10 +109,12 @@ impl TensorMap {
 
     /// Remove and return a tensor (after [`TensorMap::check`] it is known to exist).
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
-        self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensors {
-            source_name: self.source_name.clone(),
-            names: vec![name.to_string()],
-        })
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensors {
+                source_name: self.source_name.clone(),
+                names: vec![name.to_string()],
+            })
     }
 
     /// Load one or more safetensors files (all their tensors, as f32 or their float dtype).
@@ -118,9 +132,16 @@ impl TensorMap {
         }
         let source_name = match paths {
             [one] => one.display().to_string(),
-            _ => format!("{} shards in {}", paths.len(), paths[0].parent().unwrap_or(Path::new("")).display()),
+            _ => format!(
+                "{} shards in {}",
+                paths.len(),
+                paths[0].parent().unwrap_or(Path::new("")).display()
+            ),
         };
-        Ok(TensorMap { source_name, tensors })
+        Ok(TensorMap {
+            source_name,
+            tensors,
+        })
     }
 
     /// All weights of a GGUF llama file, dequantized to f32, renamed to HF names, Q/K un-permuted.
@@ -130,7 +151,10 @@ impl TensorMap {
             let shape: Vec<i64> = t.shape.iter().map(|&x| x as i64).collect();
             tensors.insert(t.name, Tensor::from_slice(&t.data).view(shape.as_slice()));
         }
-        Ok(TensorMap { source_name: g.path.display().to_string(), tensors })
+        Ok(TensorMap {
+            source_name: g.path.display().to_string(),
+            tensors,
+        })
     }
 }
 
@@ -139,8 +163,10 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
     // SAFETY: the map is read-only and dropped before returning; tensors are copied out of it.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    let st = SafeTensors::deserialize(&mmap)
-        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: format!("{e:?}") })?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg: format!("{e:?}"),
+    })?;
     let mut out = Vec::with_capacity(st.len());
     for (name, view) in st.tensors() {
         let kind = match view.dtype() {
@@ -193,9 +219,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .ok_or_else(|| ModelError::config(&index, "weight_map", "missing or not an object"))?;
     let mut files = BTreeSet::new();
     for (name, f) in map {
-        let f = f
-            .as_str()
-            .ok_or_else(|| ModelError::config(&index, format!("weight_map.{name}"), "not a file name"))?;
+        let f = f.as_str().ok_or_else(|| {
+            ModelError::config(&index, format!("weight_map.{name}"), "not a file name")
+        })?;
         files.insert(f.to_string());
     }
     files
@@ -207,7 +233,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             } else {
                 Err(ModelError::io(
                     &p,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard listed in the index is missing",
+                    ),
                 ))
             }
         })
@@ -265,7 +294,8 @@ pub fn unpermute_qk(data: &[f32], heads: usize, rows: usize, cols: usize) -> Vec
                 // GGUF row (h, i, j) -> HF row (h, j, i)
                 let src = h * hd + i * 2 + j;
                 let dst = h * hd + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -307,7 +337,10 @@ pub fn gguf_hf_tensors(g: &GgufFile, cfg: &LlamaConfig) -> Result<Vec<HfTensor>>
         out.push(HfTensor { name, shape, data });
     }
     if !unknown.is_empty() {
-        return Err(ModelError::UnexpectedTensors { source_name: g.path.display().to_string(), names: unknown });
+        return Err(ModelError::UnexpectedTensors {
+            source_name: g.path.display().to_string(),
+            names: unknown,
+        });
     }
     Ok(out)
 }
@@ -335,7 +368,9 @@ pub fn resolve_hub_repo_in(
 ) -> Result<PathBuf> {
     use hf_hub::{Repo, RepoType};
     let rev = revision.unwrap_or("main");
-    let repo_dir = cache.path().join(Repo::new(repo_id.to_string(), RepoType::Model).folder_name());
+    let repo_dir = cache
+        .path()
+        .join(Repo::new(repo_id.to_string(), RepoType::Model).folder_name());
     let is_commit = rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit());
     let snapshot = if is_commit && repo_dir.join("snapshots").join(rev).is_dir() {
         repo_dir.join("snapshots").join(rev)
@@ -351,7 +386,9 @@ pub fn resolve_hub_repo_in(
         })?;
         repo_dir.join("snapshots").join(commit.trim())
     };
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        .unwrap_or(false);
     let mut missing = Vec::new();
     for f in files {
         if !snapshot.join(f).exists() {
@@ -359,7 +396,11 @@ pub fn resolve_hub_repo_in(
         }
     }
     if !missing.is_empty() {
-        let why = if offline { "HF_HUB_OFFLINE is set" } else { "this build resolves from the local cache only" };
+        let why = if offline {
+            "HF_HUB_OFFLINE is set"
+        } else {
+            "this build resolves from the local cache only"
+        };
         return Err(ModelError::Hub(format!(
             "{repo_id}@{rev}: snapshot {} lacks {} ({why})",
             snapshot.display(),
@@ -375,9 +416,18 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf() {
-        assert_eq!(gguf_to_hf_name("blk.12.attn_q.weight").unwrap(), "model.layers.12.self_attn.q_proj.weight");
-        assert_eq!(gguf_to_hf_name("blk.0.ffn_down.weight").unwrap(), "model.layers.0.mlp.down_proj.weight");
-        assert_eq!(gguf_to_hf_name("output_norm.weight").unwrap(), "model.norm.weight");
+        assert_eq!(
+            gguf_to_hf_name("blk.12.attn_q.weight").unwrap(),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            gguf_to_hf_name("blk.0.ffn_down.weight").unwrap(),
+            "model.layers.0.mlp.down_proj.weight"
+        );
+        assert_eq!(
+            gguf_to_hf_name("output_norm.weight").unwrap(),
+            "model.norm.weight"
+        );
         assert_eq!(gguf_to_hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(gguf_to_hf_name("blk.0.attn_qkv.weight"), None);
     }
@@ -394,7 +444,8 @@ mod tests {
                 for i in 0..hd / 2 {
                     let src = h * hd + j * (hd / 2) + i;
                     let dst = h * hd + i * 2 + j;
-                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }

@@ -56,7 +56,12 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<f
         .collect();
     let views: Vec<(String, TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, &None, &path).unwrap();
 }
@@ -65,7 +70,12 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<f
 fn the_unmodified_copy_loads() {
     let dir = scratch();
     load_dir(dir.path()).unwrap();
-    let lm = load_model(&ModelSource::HfDir(dir.path().to_path_buf()), Device::Cpu, Kind::Float).unwrap();
+    let lm = load_model(
+        &ModelSource::HfDir(dir.path().to_path_buf()),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
     assert_eq!(lm.tokenizer.encode("ab", false).unwrap().get_ids(), &[2]);
 }
 
@@ -92,20 +102,30 @@ fn missing_tensor_is_named() {
     });
     let err = load_dir(dir.path()).unwrap_err();
     match &err {
-        ModelError::MissingTensors { names, .. } => assert_eq!(names, &["model.layers.1.mlp.up_proj.weight"]),
+        ModelError::MissingTensors { names, .. } => {
+            assert_eq!(names, &["model.layers.1.mlp.up_proj.weight"])
+        }
         other => panic!("expected MissingTensors, got {other:?}"),
     }
-    assert!(err.to_string().contains("model.layers.1.mlp.up_proj.weight"));
+    assert!(err
+        .to_string()
+        .contains("model.layers.1.mlp.up_proj.weight"));
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
     let dir = scratch();
     rewrite(dir.path(), |m| {
-        m.insert("model.layers.0.self_attn.qkv_proj.weight".into(), (vec![2, 2], vec![0.0; 4]));
+        m.insert(
+            "model.layers.0.self_attn.qkv_proj.weight".into(),
+            (vec![2, 2], vec![0.0; 4]),
+        );
     });
     let err = load_dir(dir.path()).unwrap_err();
-    assert!(matches!(err, ModelError::UnexpectedTensors { .. }), "{err:?}");
+    assert!(
+        matches!(err, ModelError::UnexpectedTensors { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("qkv_proj"), "{err}");
 }
 
@@ -119,7 +139,9 @@ fn shape_mismatch_is_named() {
     });
     let err = load_dir(dir.path()).unwrap_err();
     match &err {
-        ModelError::ShapeMismatch { name, .. } => assert_eq!(name, "model.layers.0.self_attn.k_proj.weight"),
+        ModelError::ShapeMismatch { name, .. } => {
+            assert_eq!(name, "model.layers.0.self_attn.k_proj.weight")
+        }
         other => panic!("expected ShapeMismatch, got {other:?}"),
     }
 }
@@ -128,17 +150,24 @@ fn shape_mismatch_is_named() {
 fn bad_config_names_the_field() {
     let dir = scratch();
     let p = dir.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v["num_key_value_heads"] = 3.into();
     std::fs::write(&p, v.to_string()).unwrap();
     let err = load_dir(dir.path()).unwrap_err();
-    assert!(matches!(err, ModelError::Config { ref field, .. } if field == "num_key_value_heads"), "{err:?}");
+    assert!(
+        matches!(err, ModelError::Config { ref field, .. } if field == "num_key_value_heads"),
+        "{err:?}"
+    );
     v["num_key_value_heads"] = "two".into();
     std::fs::write(&p, v.to_string()).unwrap();
     let err = load_dir(dir.path()).unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
     std::fs::write(&p, "{not json").unwrap();
-    assert!(matches!(load_dir(dir.path()).unwrap_err(), ModelError::Config { .. }));
+    assert!(matches!(
+        load_dir(dir.path()).unwrap_err(),
+        ModelError::Config { .. }
+    ));
 }
 
 #[test]
@@ -163,11 +192,17 @@ fn missing_shard_is_named() {
 
 #[test]
 fn bad_model_argument_is_explained() {
-    assert!(ModelSource::parse("/no/such/model.gguf").unwrap_err().to_string().contains("no such file"));
+    assert!(ModelSource::parse("/no/such/model.gguf")
+        .unwrap_err()
+        .to_string()
+        .contains("no such file"));
     assert!(ModelSource::parse("not a repo").is_err());
     assert_eq!(
         ModelSource::parse("HuggingFaceTB/SmolLM2-135M@v1").unwrap(),
-        ModelSource::Hub { repo_id: "HuggingFaceTB/SmolLM2-135M".into(), revision: Some("v1".into()) }
+        ModelSource::Hub {
+            repo_id: "HuggingFaceTB/SmolLM2-135M".into(),
+            revision: Some("v1".into())
+        }
     );
 }
 
@@ -198,23 +233,49 @@ fn hub_repo_resolves_offline_from_the_cache() {
         .collect();
     fake_hub(cache_dir.path(), "tiny/llama", commit, &files);
     let cache = hf_hub::Cache::new(cache_dir.path().to_path_buf());
-    let snap = resolve_hub_repo_in(&cache, "tiny/llama", None, &["config.json", "tokenizer.json"]).unwrap();
+    let snap = resolve_hub_repo_in(
+        &cache,
+        "tiny/llama",
+        None,
+        &["config.json", "tokenizer.json"],
+    )
+    .unwrap();
     assert!(snap.ends_with(commit));
     // By commit hash, and through the public loader with HF_HUB_CACHE pointing at the cache.
-    assert_eq!(resolve_hub_repo_in(&cache, "tiny/llama", Some(commit), &["config.json"]).unwrap(), snap);
+    assert_eq!(
+        resolve_hub_repo_in(&cache, "tiny/llama", Some(commit), &["config.json"]).unwrap(),
+        snap
+    );
     std::env::set_var("HF_HUB_CACHE", cache_dir.path());
     let lm = load_model(
-        &ModelSource::Hub { repo_id: "tiny/llama".into(), revision: None },
+        &ModelSource::Hub {
+            repo_id: "tiny/llama".into(),
+            revision: None,
+        },
         Device::Cpu,
         Kind::Float,
     )
     .unwrap();
     assert_eq!(lm.model.layers.len(), 2);
     // Unknown repo, unknown branch, missing file: errors that say what is missing.
-    let e = resolve_hub_repo_in(&cache, "other/model", None, &["config.json"]).unwrap_err().to_string();
-    assert!(e.contains("other/model") && e.contains("not in the cache"), "{e}");
-    let e = resolve_hub_repo_in(&cache, "tiny/llama", Some("dev"), &["config.json"]).unwrap_err().to_string();
+    let e = resolve_hub_repo_in(&cache, "other/model", None, &["config.json"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("other/model") && e.contains("not in the cache"),
+        "{e}"
+    );
+    let e = resolve_hub_repo_in(&cache, "tiny/llama", Some("dev"), &["config.json"])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("tiny/llama@dev"), "{e}");
-    let e = resolve_hub_repo_in(&cache, "tiny/llama", None, &["model.safetensors.index.json"]).unwrap_err().to_string();
+    let e = resolve_hub_repo_in(
+        &cache,
+        "tiny/llama",
+        None,
+        &["model.safetensors.index.json"],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("model.safetensors.index.json"), "{e}");
 }

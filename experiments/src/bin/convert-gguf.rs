@@ -6,7 +6,9 @@ use clap::Parser;
 use qtale_model::convert::{gguf_to_hf_dir, SaveDtype};
 
 #[derive(Parser, Debug)]
-#[command(about = "Convert a GGUF llama checkpoint into an HF directory usable by transformers and qtale")]
+#[command(
+    about = "Convert a GGUF llama checkpoint into an HF directory usable by transformers and qtale"
+)]
 struct Args {
     /// Input .gguf file (default: SmolLM2-135M-Instruct from the set-up).
     #[arg(long)]
@@ -21,7 +23,9 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let gguf = args.gguf.unwrap_or_else(qtale_model::load::default_gguf_path);
+    let gguf = args
+        .gguf
+        .unwrap_or_else(qtale_model::load::default_gguf_path);
     let cfg = gguf_to_hf_dir(&gguf, &args.out, args.dtype)?;
     println!(
         "wrote {} ({} layers, vocab {}, tied head: {})",

@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(about = "Load a LLaMA-family model, print perplexity on a fixed paragraph and a greedy generation")]
+#[command(
+    about = "Load a LLaMA-family model, print perplexity on a fixed paragraph and a greedy generation"
+)]
 struct Args {
     /// GGUF file, HF directory, or hub repo id (owner/name[@rev]); default: SmolLM2-135M-Instruct from the set-up.
     #[arg(long)]
@@ -43,7 +45,10 @@ fn main() -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
 
-    let enc = lm.tokenizer.encode(experiments::PARAGRAPH, false).map_err(anyhow::Error::msg)?;
+    let enc = lm
+        .tokenizer
+        .encode(experiments::PARAGRAPH, false)
+        .map_err(anyhow::Error::msg)?;
     let ids: Vec<i64> = enc.get_ids().iter().map(|&x| x as i64).collect();
     let t1 = Instant::now();
     let nll = lm.model.sequence_nll(&ids).context("perplexity forward")?;
@@ -54,14 +59,27 @@ fn main() -> Result<()> {
         t1.elapsed().as_secs_f64()
     );
 
-    let prompt = lm.tokenizer.encode(args.prompt.as_str(), false).map_err(anyhow::Error::msg)?;
+    let prompt = lm
+        .tokenizer
+        .encode(args.prompt.as_str(), false)
+        .map_err(anyhow::Error::msg)?;
     let prompt_ids: Vec<i64> = prompt.get_ids().iter().map(|&x| x as i64).collect();
     let t2 = Instant::now();
     let eos = cfg.eos_token_id.map(|x| x as i64);
-    let out = lm.model.generate_greedy(&prompt_ids, args.max_new_tokens as usize, eos)?;
+    let out = lm
+        .model
+        .generate_greedy(&prompt_ids, args.max_new_tokens as usize, eos)?;
     let secs = t2.elapsed().as_secs_f64();
-    let text = lm.tokenizer.decode(&out.iter().map(|&x| x as u32).collect::<Vec<_>>(), true).map_err(anyhow::Error::msg)?;
+    let text = lm
+        .tokenizer
+        .decode(&out.iter().map(|&x| x as u32).collect::<Vec<_>>(), true)
+        .map_err(anyhow::Error::msg)?;
     println!("greedy: {}{}", args.prompt, text);
-    println!("  ({} new tokens in {:.2}s, {:.1} tokens/s)", out.len(), secs, out.len() as f64 / secs);
+    println!(
+        "  ({} new tokens in {:.2}s, {:.1} tokens/s)",
+        out.len(),
+        secs,
+        out.len() as f64 / secs
+    );
     Ok(())
 }
