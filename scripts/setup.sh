@@ -27,11 +27,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
 fi
-if [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true)" != "$TORCH_VERSION"* ]; then
+have="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true)"
+if [[ "$have" != "$TORCH_VERSION" && "$have" != "$TORCH_VERSION+"* ]]; then
   log "installing torch==$TORCH_VERSION into $VENV (about 4.7 GB)"
   "$VENV/bin/python" -m pip install --quiet --no-input "torch==$TORCH_VERSION"
 fi
-TORCH_DIR="$("$VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)"
+TORCH_DIR="$("$VENV/bin/python" -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])')"
 TORCH_DIR="$(cd "$TORCH_DIR" && pwd -P)"
 
 # --- 2. libtorch view + cargo wiring ---------------------------------------------------------------
@@ -43,16 +44,23 @@ done
 echo "$TORCH_VERSION" > "$LT/build-version.tmp" && mv "$LT/build-version.tmp" "$LT/build-version"
 # The rpath names the real torch/lib (not the link) so libtorch's own $ORIGIN-relative RUNPATHs
 # (to the nvidia/* runtime wheels) resolve. DT_RPATH (--disable-new-dtags) is inherited by nested dlopens.
+# With the CUDA build of torch (PyPI's default), libtorch_cuda is linked even though no symbol of it
+# is referenced (--no-as-needed): without it tch never sees a GPU (tch::Cuda::is_available() is false).
+# Without a GPU it still loads and costs nothing but start-up time.
+FLAGS="\"-C\", \"link-arg=-Wl,--disable-new-dtags,-rpath,$TORCH_DIR/lib\""
+if [ -e "$TORCH_DIR/lib/libtorch_cuda.so" ]; then
+  FLAGS="$FLAGS, \"-C\", \"link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed\""
+fi
 want="# Written by scripts/setup.sh; do not edit or commit.
 [env]
 LIBTORCH = \"$LT\"
 
 [build]
-rustflags = [\"-C\", \"link-arg=-Wl,--disable-new-dtags,-rpath,$TORCH_DIR/lib\"]
-rustdocflags = [\"-C\", \"link-arg=-Wl,--disable-new-dtags,-rpath,$TORCH_DIR/lib\"]
+rustflags = [$FLAGS]
+rustdocflags = [$FLAGS]
 "
 CFG="$ROOT/.cargo/libtorch.toml"
-if [ ! -f "$CFG" ] || [ "$(cat "$CFG")" != "$want" ]; then
+if [ ! -f "$CFG" ] || [ "$(cat "$CFG")" != "$(printf '%s' "$want")" ]; then
   log "writing $CFG"
   mkdir -p "$ROOT/.cargo"
   printf '%s' "$want" > "$CFG"
