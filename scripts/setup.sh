@@ -44,13 +44,8 @@ done
 echo "$TORCH_VERSION" > "$LT/build-version.tmp" && mv "$LT/build-version.tmp" "$LT/build-version"
 # The rpath names the real torch/lib (not the link) so libtorch's own $ORIGIN-relative RUNPATHs
 # (to the nvidia/* runtime wheels) resolve. DT_RPATH (--disable-new-dtags) is inherited by nested dlopens.
-# With the CUDA build of torch (PyPI's default), libtorch_cuda is linked even though no symbol of it
-# is referenced (--no-as-needed): without it tch never sees a GPU (tch::Cuda::is_available() is false).
-# Without a GPU it still loads and costs nothing but start-up time.
+# (libtorch_cuda is linked by crates/qtale-model/build.rs when this torch has it, so CUDA is visible.)
 FLAGS="\"-C\", \"link-arg=-Wl,--disable-new-dtags,-rpath,$TORCH_DIR/lib\""
-if [ -e "$TORCH_DIR/lib/libtorch_cuda.so" ]; then
-  FLAGS="$FLAGS, \"-C\", \"link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed\""
-fi
 want="# Written by scripts/setup.sh; do not edit or commit.
 [env]
 LIBTORCH = \"$LT\"

@@ -83,7 +83,7 @@ fn smollm2(c: &mut Criterion, device: Device, kind: Kind, label: &str) {
 
 fn forward(c: &mut Criterion) {
     smollm2(c, Device::Cpu, Kind::Float, "cpu_f32");
-    if tch::Cuda::is_available() {
+    if qtale_model::cuda::is_available() {
         smollm2(c, Device::Cuda(0), Kind::Float, "cuda_f32");
         smollm2(c, Device::Cuda(0), Kind::BFloat16, "cuda_bf16");
     } else {

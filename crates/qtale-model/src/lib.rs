@@ -11,6 +11,7 @@
 //! * [`convert`]: GGUF -> HF directory (safetensors + config.json + tokenizer.json).
 pub mod config;
 pub mod convert;
+pub mod cuda;
 pub mod error;
 pub mod gguf;
 pub mod load;

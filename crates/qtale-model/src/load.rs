@@ -251,7 +251,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         },
     };
     if let Device::Cuda(n) = dev {
-        let count = tch::Cuda::device_count() as usize;
+        let count = crate::cuda::device_count() as usize;
         if n >= count {
             return Err(ModelError::Input(format!(
                 "--device {s}: CUDA device {n} not available ({count} found)"

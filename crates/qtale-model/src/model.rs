@@ -20,6 +20,10 @@ pub trait Linear: std::fmt::Debug + Send {
     fn weight(&self) -> Tensor;
     /// Bytes the weight (and bias) occupy in memory as stored.
     fn weight_bytes(&self) -> usize;
+    /// The bias `[out]`, if any (kept apart from `weight()` so merging and re-quantizing keep it).
+    fn bias(&self) -> Option<Tensor> {
+        None
+    }
 }
 
 /// Plain dense linear layer.
@@ -48,6 +52,9 @@ impl Linear for DenseLinear {
     }
     fn weight_bytes(&self) -> usize {
         tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, tensor_bytes)
+    }
+    fn bias(&self) -> Option<Tensor> {
+        self.bias.as_ref().map(Tensor::shallow_clone)
     }
 }
 

@@ -349,8 +349,9 @@ pub fn gguf_hf_tensors(g: &GgufFile, cfg: &LlamaConfig) -> Result<Vec<HfTensor>>
 ///
 /// The cache is `$HF_HUB_CACHE` if set, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub` (the
 /// `hf-hub` crate's `Cache`). `revision` may be a branch/tag (read through `refs/<revision>`) or a commit
-/// hash (its snapshot directory directly). This build never downloads: with `HF_HUB_OFFLINE=1` or
-/// without the `hub-download` feature, a file missing from the cache is an error naming it.
+/// hash (its snapshot directory directly). Resolution never touches the network (the machines this
+/// project runs on reach no hub): a file missing from the cache is an error naming it, and saying
+/// whether `HF_HUB_OFFLINE` was set. Fill the cache with `huggingface-cli download REPO`.
 pub fn resolve_hub_repo(repo_id: &str, revision: Option<&str>, files: &[&str]) -> Result<PathBuf> {
     let cache = match std::env::var_os("HF_HUB_CACHE") {
         Some(p) => hf_hub::Cache::new(PathBuf::from(p)),

@@ -1,0 +1,38 @@
+//! Fine-tuning for token-adaptive execution: LoRA adapters on the frozen base ([`lora`]), a
+//! checkpointable AdamW with warmup + cosine schedules ([`optim`]), and atomic checkpoints ([`checkpoint`]).
+pub mod checkpoint;
+pub mod lora;
+pub mod optim;
+
+/// Errors of the training crate; each names what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("config field `{field}`: {msg}")]
+    Config { field: String, msg: String },
+    #[error("{path}: {msg}")]
+    Checkpoint {
+        path: std::path::PathBuf,
+        msg: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("non-finite loss at step {step}: {what}")]
+    NonFinite { step: usize, what: String },
+    #[error(transparent)]
+    Model(#[from] qtale_model::ModelError),
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+pub(crate) fn config_err(field: &str, msg: impl Into<String>) -> TrainError {
+    TrainError::Config {
+        field: field.into(),
+        msg: msg.into(),
+    }
+}
