@@ -1,8 +1,10 @@
 //! Fine-tuning for token-adaptive execution: LoRA adapters on the frozen base ([`lora`]), a
 //! checkpointable AdamW with warmup + cosine schedules ([`optim`]), and atomic checkpoints ([`checkpoint`]).
 pub mod checkpoint;
+pub mod data;
 pub mod lora;
 pub mod optim;
+pub mod trainer;
 
 /// Errors of the training crate; each names what is wrong.
 #[derive(Debug, thiserror::Error)]

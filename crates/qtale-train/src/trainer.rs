@@ -1,0 +1,848 @@
+//! The fine-tuning loop of D-LLM and QTALE (method.md sections 1-2):
+//!
+//! `L = CE + lambda_1(t) * L_ratio + lambda_2 * L_entropy`, with
+//! `L_ratio = mean_t |r_t - target|` over real, non-reserved tokens (`r_t` the token's execution ratio
+//! over all layers), `L_entropy = -mean_{t, routed l} H(softmax(router logits))` (QTALE; lambda_2 = 0 is
+//! D-LLM), `lambda_1` ramped from 0 by a sine schedule. Trainable: LoRA + routers, in two AdamW groups
+//! with their own learning rates (weight decay on matrices only), linear warmup then cosine decay,
+//! gradient accumulation and clipping. Non-finite losses skip the step; too many in a row stop the run
+//! with the last good checkpoint kept.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use qtale_model::Llama;
+use qtale_router::{DllmRouter, ForwardOptions, Mode, RoutedLlama, RoutedOutput, RoutingConfig};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::checkpoint;
+use crate::data::{collate, masked_ce, Batch, Example};
+use crate::lora::{Lora, LoraConfig};
+use crate::optim::{sine_ramp, split_decay, AdamW, ParamGroup, WarmupCosine};
+use crate::{config_err, Result, TrainError};
+
+/// Everything that defines a run; written into every checkpoint and log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub preset: String,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub lr_lora: f64,
+    pub lr_router: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    /// Cosine decays to `min_lr_factor` x the base learning rate.
+    pub min_lr_factor: f64,
+    pub grad_clip: f64,
+    /// Target execution ratio of the ratio loss (D-LLM: 0.5).
+    pub ratio_target: f64,
+    /// Final lambda_1 (D-LLM: 5).
+    pub lambda_ratio: f64,
+    /// Steps over which lambda_1 ramps from 0 (sine); default: the whole run.
+    pub lambda_ratio_ramp_steps: Option<usize>,
+    /// lambda_2 of the entropy term (0 = D-LLM).
+    pub lambda_entropy: f64,
+    /// Gumbel temperature at the start and end of training (linear in between).
+    pub temperature_start: f64,
+    pub temperature_end: f64,
+    /// Optional KL(dense || routed) distillation weight (0 = off).
+    pub kd_weight: f64,
+    pub seed: u64,
+    pub log_every: usize,
+    pub eval_every: usize,
+    pub checkpoint_every: usize,
+    /// Consecutive non-finite losses that stop the run.
+    pub max_nonfinite: usize,
+    pub lora: LoraConfig,
+    pub routing: RoutingConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig::preset("qtale").expect("known preset")
+    }
+}
+
+impl TrainConfig {
+    /// `dllm`: D-LLM's recipe (no entropy term). `qtale`: the same plus the entropy regularizer; its
+    /// lambda_2 default comes from our sweep (see the issue note; the paper does not publish it).
+    pub fn preset(name: &str) -> Result<Self> {
+        let base = TrainConfig {
+            preset: name.to_string(),
+            steps: 200,
+            batch_size: 4,
+            grad_accum: 1,
+            seq_len: 128,
+            lr_lora: 2e-4,
+            lr_router: 1e-3,
+            weight_decay: 0.02,
+            warmup_steps: 10,
+            min_lr_factor: 0.1,
+            grad_clip: 1.0,
+            ratio_target: 0.5,
+            lambda_ratio: 5.0,
+            lambda_ratio_ramp_steps: None,
+            lambda_entropy: 0.0,
+            temperature_start: 1.0,
+            temperature_end: 1.0,
+            kd_weight: 0.0,
+            seed: 0,
+            log_every: 10,
+            eval_every: 50,
+            checkpoint_every: 50,
+            max_nonfinite: 5,
+            lora: LoraConfig::default(),
+            routing: RoutingConfig::default(),
+        };
+        match name {
+            "dllm" => Ok(base),
+            "qtale" => Ok(TrainConfig {
+                lambda_entropy: 0.1,
+                ..base
+            }),
+            other => Err(config_err(
+                "preset",
+                format!("unknown `{other}` (dllm or qtale)"),
+            )),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let pos = |f: &str, v: usize| {
+            if v == 0 {
+                Err(config_err(f, "must be >= 1"))
+            } else {
+                Ok(())
+            }
+        };
+        pos("steps", self.steps)?;
+        pos("batch_size", self.batch_size)?;
+        pos("grad_accum", self.grad_accum)?;
+        pos("log_every", self.log_every)?;
+        pos("eval_every", self.eval_every)?;
+        pos("checkpoint_every", self.checkpoint_every)?;
+        if self.seq_len < 2 {
+            return Err(config_err("seq_len", "must be >= 2"));
+        }
+        for (f, v) in [
+            ("lr_lora", self.lr_lora),
+            ("lr_router", self.lr_router),
+            ("grad_clip", self.grad_clip),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(config_err(f, format!("{v} must be > 0")));
+            }
+        }
+        for (f, v) in [
+            ("weight_decay", self.weight_decay),
+            ("lambda_ratio", self.lambda_ratio),
+            ("lambda_entropy", self.lambda_entropy),
+            ("kd_weight", self.kd_weight),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(config_err(f, format!("{v} must be >= 0")));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.ratio_target) {
+            return Err(config_err(
+                "ratio_target",
+                format!("{} must be in [0, 1]", self.ratio_target),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_factor) {
+            return Err(config_err("min_lr_factor", "must be in [0, 1]"));
+        }
+        for (f, v) in [
+            ("temperature_start", self.temperature_start),
+            ("temperature_end", self.temperature_end),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(config_err(f, format!("{v} must be > 0")));
+            }
+        }
+        self.lora.validate()?;
+        self.routing
+            .validate()
+            .map_err(|e| config_err("routing", e.to_string()))
+    }
+
+    fn temperature(&self, step: usize) -> f64 {
+        let p = step as f64 / self.steps.max(1) as f64;
+        self.temperature_start + (self.temperature_end - self.temperature_start) * p
+    }
+}
+
+/// Router diagnostics of one forward (routed layers, real non-reserved tokens).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RouterDiag {
+    /// Mean entropy (nats) of the router's softmax.
+    pub entropy: f64,
+    /// Mean |execute logit - skip logit|.
+    pub logit_gap: f64,
+    /// Gumbel flip rate: the probability that a Gumbel sample disagrees with the argmax decision,
+    /// `mean min(p_exec, 1 - p_exec)` (exact for temperature 1; no sampling noise).
+    pub flip_rate: f64,
+    /// The same, counted on the samples this forward actually drew.
+    pub flip_rate_sampled: f64,
+    /// Mean execution ratio over tokens, and its min/max over tokens.
+    pub ratio: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    /// Per layer execution ratio (always-run layers 1).
+    pub layer_ratio: Vec<f64>,
+}
+
+/// The loss parts of one forward, differentiable, plus diagnostics.
+pub struct LossParts {
+    pub total: Tensor,
+    pub ce: Tensor,
+    pub ratio: Tensor,
+    pub entropy: Tensor,
+    pub kd: Option<Tensor>,
+}
+
+/// Compute the loss of a training-mode routed output (see the module doc).
+pub fn loss_parts(
+    out: &RoutedOutput,
+    batch: &Batch,
+    cfg: &TrainConfig,
+    lambda_ratio: f64,
+    dense_logits: Option<&Tensor>,
+) -> LossParts {
+    let ce = masked_ce(&out.logits, batch);
+    let m = out.ratio_mask().to_kind(Kind::Float);
+    let n = m.sum(Kind::Float).clamp_min(1.0);
+    let ratio = ((out.token_ratio() - cfg.ratio_target).abs() * &m).sum(Kind::Float) / &n;
+    let mut ent_sum = Tensor::zeros([], (Kind::Float, out.logits.device()));
+    let mut count = 0.0;
+    for lg in out.router_logits.iter().flatten() {
+        let p = lg.log_softmax(-1, Kind::Float);
+        let h = -(p.exp() * &p).sum_dim_intlist(-1, false, Kind::Float);
+        ent_sum = ent_sum + (h * &m).sum(Kind::Float);
+        count += 1.0;
+    }
+    let entropy = if count > 0.0 {
+        -(ent_sum / (&n * count))
+    } else {
+        Tensor::zeros([], (Kind::Float, out.logits.device()))
+    };
+    let kd = dense_logits.map(|d| {
+        let t = out.logits.size()[1];
+        let lp = out.logits.log_softmax(-1, Kind::Float);
+        let lq = d.log_softmax(-1, Kind::Float);
+        let kl = (lq.exp() * (&lq - &lp)).sum_dim_intlist(-1, false, Kind::Float);
+        let mask = batch.attention_mask.to_kind(Kind::Float).narrow(1, 0, t);
+        (kl * &mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0)
+    });
+    let mut total = &ce + &ratio * lambda_ratio + &entropy * cfg.lambda_entropy;
+    if let Some(k) = &kd {
+        total = total + k * cfg.kd_weight;
+    }
+    LossParts {
+        total,
+        ce,
+        ratio,
+        entropy,
+        kd,
+    }
+}
+
+/// Router diagnostics of a training-mode output.
+pub fn diagnostics(out: &RoutedOutput) -> RouterDiag {
+    let _g = tch::no_grad_guard();
+    let m = out.ratio_mask();
+    let mf = m.to_kind(Kind::Float);
+    let n = mf.sum(Kind::Float).double_value(&[]).max(1.0);
+    let (mut ent, mut gap, mut flip, mut flip_s, mut layers) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for (lg, gate) in out.router_logits.iter().zip(&out.gates) {
+        let (Some(lg), Some(gate)) = (lg, gate) else {
+            continue;
+        };
+        let p = lg.log_softmax(-1, Kind::Float);
+        let h = -(p.exp() * &p).sum_dim_intlist(-1, false, Kind::Float);
+        ent += (h * &mf).sum(Kind::Float).double_value(&[]);
+        let d = lg.select(-1, 1) - lg.select(-1, 0);
+        gap += (d.abs() * &mf).sum(Kind::Float).double_value(&[]);
+        let argmax = d.gt(0.0);
+        let sampled = gate.gt(0.5);
+        flip_s += (argmax.ne_tensor(&sampled).to_kind(Kind::Float) * &mf)
+            .sum(Kind::Float)
+            .double_value(&[]);
+        let pe = p.select(-1, 1).exp();
+        flip += (pe.minimum(&(1.0 - &pe)) * &mf)
+            .sum(Kind::Float)
+            .double_value(&[]);
+        layers += 1.0;
+    }
+    let denom = (n * layers).max(1.0);
+    let r = out.token_ratio().detach();
+    let r_masked: Vec<f32> = Vec::try_from(r.masked_select(&m)).unwrap_or_default();
+    let exec = out.exec.to_kind(Kind::Float);
+    let valid = out.valid.to_kind(Kind::Float).unsqueeze(-1);
+    let per_layer = (exec * &valid).sum_dim_intlist([0i64, 1].as_slice(), false, Kind::Float)
+        / valid.sum(Kind::Float).clamp_min(1.0);
+    RouterDiag {
+        entropy: ent / denom,
+        logit_gap: gap / denom,
+        flip_rate: flip / denom,
+        flip_rate_sampled: flip_s / denom,
+        ratio: if r_masked.is_empty() {
+            1.0
+        } else {
+            r_masked.iter().map(|&x| x as f64).sum::<f64>() / r_masked.len() as f64
+        },
+        ratio_min: r_masked.iter().cloned().fold(f32::INFINITY, f32::min) as f64,
+        ratio_max: r_masked.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64,
+        layer_ratio: Vec::try_from(per_layer).unwrap_or_default(),
+    }
+}
+
+/// One logged step (also one JSONL line of `train_log.jsonl`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub ce: f64,
+    pub ratio_loss: f64,
+    pub entropy_loss: f64,
+    pub lambda_ratio: f64,
+    pub lr_lora: f64,
+    pub lr_router: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub skipped_nonfinite: usize,
+    #[serde(flatten)]
+    pub diag: RouterDiag,
+    pub val_loss: Option<f64>,
+    pub val_ratio: Option<f64>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub final_train: Option<StepLog>,
+    pub val_ce: f64,
+    pub val_ratio: f64,
+    pub val_diag: RouterDiag,
+    pub lora_path: PathBuf,
+    pub router_path: PathBuf,
+}
+
+/// A training run over `model` (frozen base; LoRA is attached here) and a fresh or loaded router.
+pub struct Trainer<'a> {
+    pub cfg: TrainConfig,
+    pub model: &'a mut Llama,
+    pub router: DllmRouter,
+    pub lora: Lora,
+    opt: AdamW,
+    step: usize,
+    out_dir: PathBuf,
+}
+
+fn routed<'b>(
+    model: &'b Llama,
+    router: &'b DllmRouter,
+    rc: &RoutingConfig,
+    temperature: f64,
+) -> RoutedLlama<&'b Llama, &'b DllmRouter> {
+    let config = RoutingConfig {
+        temperature,
+        ..rc.clone()
+    };
+    RoutedLlama {
+        model,
+        router,
+        config,
+    }
+}
+
+fn seed_for(seed: u64, step: usize) -> i64 {
+    // SplitMix64 of (seed, step): a fresh, reproducible torch seed per step (dropout, Gumbel noise).
+    let mut z = seed.wrapping_add(
+        (step as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+impl<'a> Trainer<'a> {
+    /// Attach LoRA to `model`, create the router, the optimizer groups, and the output directory.
+    pub fn new(cfg: TrainConfig, model: &'a mut Llama, out_dir: &Path) -> Result<Self> {
+        cfg.validate()?;
+        let n_layers = model.layers.len();
+        let router = DllmRouter::new(
+            &cfg.routing,
+            model.config.hidden_size,
+            n_layers,
+            model.device,
+            cfg.seed,
+        )
+        .map_err(|e| config_err("routing", e.to_string()))?;
+        let lora = Lora::attach(model, cfg.lora.clone(), seed_for(cfg.seed, usize::MAX - 1))?;
+        let named = |vs: &tch::nn::VarStore, prefix: &str| -> Vec<(String, Tensor)> {
+            let mut v: Vec<(String, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .map(|(n, t)| (format!("{prefix}.{n}"), t))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let mut groups = Vec::new();
+        for (name, vars, lr) in [
+            ("lora", named(&lora.vs, "lora"), cfg.lr_lora),
+            ("router", named(&router.vs, "router"), cfg.lr_router),
+        ] {
+            let (decay, no_decay) = split_decay(vars);
+            groups.push(ParamGroup {
+                name: format!("{name}.decay"),
+                params: decay,
+                lr,
+                weight_decay: cfg.weight_decay,
+            });
+            groups.push(ParamGroup {
+                name: format!("{name}.no_decay"),
+                params: no_decay,
+                lr,
+                weight_decay: 0.0,
+            });
+        }
+        let opt = AdamW::new(groups, 0.9, 0.95)?;
+        std::fs::create_dir_all(out_dir).map_err(|e| TrainError::Io {
+            path: out_dir.into(),
+            source: e,
+        })?;
+        Ok(Trainer {
+            cfg,
+            model,
+            router,
+            lora,
+            opt,
+            step: 0,
+            out_dir: out_dir.into(),
+        })
+    }
+
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    fn checkpoint_path(&self) -> PathBuf {
+        self.out_dir.join("checkpoint.safetensors")
+    }
+
+    /// Save LoRA + routers + optimizer state + step atomically.
+    pub fn save_checkpoint(&self) -> Result<()> {
+        let mut tensors = self.opt.state();
+        for g in &self.opt.groups {
+            for (n, t) in &g.params {
+                tensors.push((n.clone(), t.shallow_clone()));
+            }
+        }
+        let meta = serde_json::json!({"step": self.step, "config": self.cfg});
+        checkpoint::save_atomic(&self.checkpoint_path(), &tensors, &meta)
+    }
+
+    /// Resume from `out_dir/checkpoint.safetensors`: the config must match (except `steps`).
+    pub fn resume(&mut self) -> Result<bool> {
+        let path = self.checkpoint_path();
+        if !path.exists() {
+            return Ok(false);
+        }
+        let (tensors, meta) = checkpoint::load(&path)?;
+        let saved: TrainConfig =
+            serde_json::from_value(meta["config"].clone()).map_err(|e| TrainError::Checkpoint {
+                path: path.clone(),
+                msg: format!("config: {e}"),
+            })?;
+        if (TrainConfig {
+            steps: self.cfg.steps,
+            ..saved.clone()
+        }) != self.cfg
+        {
+            return Err(TrainError::Checkpoint {
+                path,
+                msg: "was written with a different config (only `steps` may change on resume)"
+                    .into(),
+            });
+        }
+        let _g = tch::no_grad_guard();
+        for g in &mut self.opt.groups {
+            for (n, t) in &mut g.params {
+                let src = tensors.get(n).ok_or_else(|| TrainError::Checkpoint {
+                    path: path.clone(),
+                    msg: format!("missing `{n}`"),
+                })?;
+                t.copy_(&src.to_kind(t.kind()).to_device(t.device()));
+            }
+        }
+        self.opt
+            .load_state(&tensors)
+            .map_err(|msg| TrainError::Checkpoint {
+                path: path.clone(),
+                msg,
+            })?;
+        self.step = meta["step"].as_u64().unwrap_or(0) as usize;
+        Ok(true)
+    }
+
+    /// Validation CE and execution ratio (training mode decisions without gradient, Gumbel seeded).
+    pub fn validate(&self, val: &[Example]) -> Result<(f64, f64, RouterDiag)> {
+        let _g = tch::no_grad_guard();
+        self.lora.set_train(false);
+        tch::manual_seed(seed_for(self.cfg.seed, usize::MAX));
+        let (mut ce, mut ratio, mut n) = (0.0, 0.0, 0.0);
+        let mut last = RouterDiag::default();
+        let routed = routed(
+            self.model,
+            &self.router,
+            &self.cfg.routing,
+            self.cfg.temperature_end,
+        );
+        for chunk in val.chunks(self.cfg.batch_size) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let b = collate(&refs, self.model.device);
+            let out = routed
+                .forward(
+                    &b.ids,
+                    Some(&b.attention_mask),
+                    Mode::Train,
+                    &ForwardOptions::default(),
+                )
+                .map_err(|e| config_err("routing", e.to_string()))?;
+            ce += masked_ce(&out.logits, &b).double_value(&[]) * chunk.len() as f64;
+            last = diagnostics(&out);
+            ratio += last.ratio * chunk.len() as f64;
+            n += chunk.len() as f64;
+        }
+        self.lora.set_train(true);
+        Ok((ce / n.max(1.0), ratio / n.max(1.0), last))
+    }
+
+    /// Train until `cfg.steps`, logging to `out_dir/train_log.jsonl` and calling `on_log` for each
+    /// logged step (the binary drives a progress bar from it).
+    pub fn train(
+        &mut self,
+        train: &[Example],
+        val: &[Example],
+        mut on_log: impl FnMut(&StepLog),
+    ) -> Result<TrainSummary> {
+        if train.is_empty() {
+            return Err(config_err("data", "no training examples"));
+        }
+        let sched = WarmupCosine {
+            warmup: self.cfg.warmup_steps,
+            total: self.cfg.steps,
+            min_factor: self.cfg.min_lr_factor,
+        };
+        let ramp = self.cfg.lambda_ratio_ramp_steps.unwrap_or(self.cfg.steps);
+        let log_path = self.out_dir.join("train_log.jsonl");
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| TrainError::Io {
+                path: log_path.clone(),
+                source: e,
+            })?;
+        self.lora.set_train(true);
+        let mut nonfinite_run = 0usize;
+        let mut skipped_total = 0usize;
+        let mut last_log = None;
+        let mut t0 = Instant::now();
+        let mut tokens = 0usize;
+        let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        while self.step < self.cfg.steps {
+            let step = self.step;
+            tch::manual_seed(seed_for(self.cfg.seed, step));
+            let lambda_ratio = sine_ramp(step, ramp, self.cfg.lambda_ratio);
+            let temperature = self.cfg.temperature(step);
+            let routed = routed(self.model, &self.router, &self.cfg.routing, temperature);
+            self.opt.zero_grad();
+            let (mut loss_v, mut ce_v, mut ratio_v, mut ent_v) = (0.0, 0.0, 0.0, 0.0);
+            let mut diag = RouterDiag::default();
+            let mut finite = true;
+            for micro in 0..self.cfg.grad_accum {
+                // Deterministic data order: example index from (step, micro), cycling over the shuffled set.
+                let start = (step * per_step + micro * self.cfg.batch_size) % train.len();
+                let refs: Vec<&Example> = (0..self.cfg.batch_size)
+                    .map(|i| &train[(start + i) % train.len()])
+                    .collect();
+                let b = collate(&refs, self.model.device);
+                let out = routed
+                    .forward(
+                        &b.ids,
+                        Some(&b.attention_mask),
+                        Mode::Train,
+                        &ForwardOptions::default(),
+                    )
+                    .map_err(|e| config_err("routing", e.to_string()))?;
+                let dense = if self.cfg.kd_weight > 0.0 {
+                    let _g = tch::no_grad_guard();
+                    Some(self.model.forward(&b.ids, Some(&b.attention_mask))?.logits)
+                } else {
+                    None
+                };
+                let parts = loss_parts(&out, &b, &self.cfg, lambda_ratio, dense.as_ref());
+                let lv = parts.total.double_value(&[]);
+                if !lv.is_finite() {
+                    finite = false;
+                    break;
+                }
+                (parts.total / self.cfg.grad_accum as f64).backward();
+                let k = self.cfg.grad_accum as f64;
+                loss_v += lv / k;
+                ce_v += parts.ce.double_value(&[]) / k;
+                ratio_v += parts.ratio.double_value(&[]) / k;
+                ent_v += parts.entropy.double_value(&[]) / k;
+                diag = diagnostics(&out);
+                tokens += self.cfg.batch_size * self.cfg.seq_len;
+            }
+            let grad_norm = if finite {
+                self.opt.clip_grad_norm(self.cfg.grad_clip)
+            } else {
+                f64::NAN
+            };
+            if !finite || !grad_norm.is_finite() {
+                nonfinite_run += 1;
+                skipped_total += 1;
+                eprintln!("step {step}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)");
+                self.opt.zero_grad();
+                if nonfinite_run >= self.cfg.max_nonfinite {
+                    return Err(TrainError::NonFinite {
+                        step,
+                        what: format!(
+                            "{nonfinite_run} consecutive non-finite steps; last good checkpoint kept at {}",
+                            self.checkpoint_path().display()
+                        ),
+                    });
+                }
+                self.step += 1;
+                continue;
+            }
+            nonfinite_run = 0;
+            let f = sched.factor(step);
+            self.opt.step(f);
+            self.step += 1;
+            let done = self.step;
+            let val_due = done % self.cfg.eval_every == 0 || done == self.cfg.steps;
+            if done % self.cfg.log_every == 0 || val_due {
+                let (val_loss, val_ratio) = if val_due && !val.is_empty() {
+                    let (c, r, _) = self.validate(val)?;
+                    (Some(c), Some(r))
+                } else {
+                    (None, None)
+                };
+                let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                let entry = StepLog {
+                    step: done,
+                    loss: loss_v,
+                    ce: ce_v,
+                    ratio_loss: ratio_v,
+                    entropy_loss: ent_v,
+                    lambda_ratio,
+                    lr_lora: self.cfg.lr_lora * f,
+                    lr_router: self.cfg.lr_router * f,
+                    grad_norm,
+                    tokens_per_s: tokens as f64 / secs,
+                    skipped_nonfinite: skipped_total,
+                    diag,
+                    val_loss,
+                    val_ratio,
+                };
+                writeln!(
+                    log,
+                    "{}",
+                    serde_json::to_string(&entry).expect("serializable")
+                )
+                .map_err(|e| TrainError::Io {
+                    path: log_path.clone(),
+                    source: e,
+                })?;
+                on_log(&entry);
+                last_log = Some(entry);
+                t0 = Instant::now();
+                tokens = 0;
+            }
+            if done % self.cfg.checkpoint_every == 0 || done == self.cfg.steps {
+                self.save_checkpoint()?;
+            }
+        }
+        let (val_ce, val_ratio, val_diag) = if val.is_empty() {
+            (f64::NAN, f64::NAN, RouterDiag::default())
+        } else {
+            self.validate(val)?
+        };
+        let lora_path = self.out_dir.join("lora.safetensors");
+        let router_path = self.out_dir.join("router.safetensors");
+        self.lora.save(&lora_path)?;
+        self.router
+            .save(&router_path)
+            .map_err(|e| TrainError::Checkpoint {
+                path: router_path.clone(),
+                msg: e.to_string(),
+            })?;
+        std::fs::write(
+            self.out_dir.join("train_config.json"),
+            serde_json::to_vec_pretty(&self.cfg).expect("serializable"),
+        )
+        .map_err(|e| TrainError::Io {
+            path: self.out_dir.join("train_config.json"),
+            source: e,
+        })?;
+        Ok(TrainSummary {
+            steps: self.step,
+            final_train: last_log,
+            val_ce,
+            val_ratio,
+            val_diag,
+            lora_path,
+            router_path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qtale_model::config::{LlamaConfig, RopeScaling};
+    use qtale_model::weights::{expected_tensors, TensorMap};
+    use tch::Device;
+
+    /// A random 8-layer model (hidden 64, vocab 64): enough depth for routers from layer 2 on.
+    pub(crate) fn tiny_model(seed: i64) -> Llama {
+        let cfg = LlamaConfig {
+            vocab_size: 64,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 8,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            max_position_embeddings: 256,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::Default,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_id: Some(0),
+        };
+        tch::manual_seed(seed);
+        let tensors = expected_tensors(&cfg)
+            .into_iter()
+            .map(|(n, s)| {
+                let t = if s.len() == 1 {
+                    Tensor::ones(s.as_slice(), (Kind::Float, Device::Cpu))
+                } else {
+                    Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu)) * 0.15
+                };
+                (n, t)
+            })
+            .collect();
+        Llama::from_tensors(
+            cfg,
+            TensorMap {
+                source_name: "tiny".into(),
+                tensors,
+            },
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap()
+    }
+
+    /// Counting sequences (a, a+1, ...) mod 63 + 1: predictable, so CE can fall quickly.
+    pub(crate) fn counting_data(n: usize, len: usize, seed: u64) -> Vec<Example> {
+        (0..n)
+            .map(|i| {
+                let a = (i as u64 * 7919 + seed) % 63;
+                let ids: Vec<i64> = (0..len as u64).map(|t| ((a + t) % 63 + 1) as i64).collect();
+                Example {
+                    loss: vec![true; len],
+                    ids,
+                }
+            })
+            .collect()
+    }
+
+    fn cfg(preset: &str) -> TrainConfig {
+        let mut c = TrainConfig::preset(preset).unwrap();
+        c.steps = 150;
+        c.batch_size = 4;
+        c.seq_len = 24;
+        c.lr_lora = 3e-3;
+        c.lr_router = 1e-2;
+        c.warmup_steps = 5;
+        c.lambda_ratio_ramp_steps = Some(60);
+        c.log_every = 50;
+        c.eval_every = 150;
+        c.checkpoint_every = 75;
+        c.routing.hidden = 32;
+        c.lora.dropout = 0.0;
+        if preset == "qtale" {
+            c.lambda_entropy = 0.5;
+        }
+        c
+    }
+
+    fn run(c: TrainConfig, out: &Path) -> (TrainSummary, f64, f64) {
+        tch::set_num_threads(1);
+        let mut model = tiny_model(1);
+        let train = counting_data(64, c.seq_len, 0);
+        let val = counting_data(8, c.seq_len, 1000);
+        let mut t = Trainer::new(c, &mut model, out).unwrap();
+        let (ce0, r0, _) = t.validate(&val).unwrap();
+        let s = t.train(&train, &val, |_| {}).unwrap();
+        (s, ce0, r0)
+    }
+
+    #[test]
+    fn ce_falls_ratio_reaches_target_and_entropy_term_keeps_routers_soft() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, ce0, r0) = run(cfg("dllm"), &dir.path().join("dllm"));
+        let (q, _, _) = run(cfg("qtale"), &dir.path().join("qtale"));
+        eprintln!("start: ce {ce0:.3}, ratio {r0:.3}");
+        eprintln!(
+            "dllm : ce {:.3} ratio {:.3} {:?}",
+            d.val_ce, d.val_ratio, d.val_diag
+        );
+        eprintln!(
+            "qtale: ce {:.3} ratio {:.3} {:?}",
+            q.val_ce, q.val_ratio, q.val_diag
+        );
+        assert!(
+            (0.8..0.95).contains(&r0),
+            "initial ratio {r0} (bias [0.1, 2.0] gives p ~ 0.87)"
+        );
+        assert!(
+            d.val_ce < ce0 - 0.3,
+            "CE did not fall: {ce0} -> {}",
+            d.val_ce
+        );
+        assert!(
+            (d.val_ratio - 0.5).abs() < 0.05,
+            "dllm ratio {}",
+            d.val_ratio
+        );
+        assert!(
+            (q.val_ratio - 0.5).abs() < 0.05,
+            "qtale ratio {}",
+            q.val_ratio
+        );
+        assert!((q.val_ratio - d.val_ratio).abs() < 0.05);
+        assert!(q.val_diag.entropy > d.val_diag.entropy, "entropy");
+        assert!(q.val_diag.logit_gap < d.val_diag.logit_gap, "logit gap");
+        assert!(q.val_diag.flip_rate > d.val_diag.flip_rate, "flip rate");
+        assert!(d.lora_path.exists() && d.router_path.exists());
+    }
+}
