@@ -342,6 +342,9 @@ pub struct Trainer<'a> {
     opt: AdamW,
     step: usize,
     out_dir: PathBuf,
+    /// Stop (with a checkpoint) once this many steps are done, before `cfg.steps`: a time-sliced job
+    /// (e.g. one Slurm allocation) continues later with `resume`.
+    pub stop_at: Option<usize>,
 }
 
 fn routed<'b>(
@@ -428,6 +431,7 @@ impl<'a> Trainer<'a> {
             opt,
             step: 0,
             out_dir: out_dir.into(),
+            stop_at: None,
         })
     }
 
@@ -672,8 +676,12 @@ impl<'a> Trainer<'a> {
                 t0 = Instant::now();
                 tokens = 0;
             }
-            if done % self.cfg.checkpoint_every == 0 || done == self.cfg.steps {
+            let stop = self.stop_at == Some(done);
+            if done % self.cfg.checkpoint_every == 0 || done == self.cfg.steps || stop {
                 self.save_checkpoint()?;
+            }
+            if stop {
+                break;
             }
         }
         let (val_ce, val_ratio, val_diag) = if val.is_empty() {
@@ -806,8 +814,120 @@ mod tests {
         (s, ce0, r0)
     }
 
+    /// torch's RNG is process-global: trainer tests (which reseed it every step) must not interleave.
+    static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn params(t: &Trainer) -> Vec<(String, Tensor)> {
+        t.opt
+            .groups
+            .iter()
+            .flat_map(|g| g.params.iter().map(|(n, p)| (n.clone(), p.detach().copy())))
+            .collect()
+    }
+
+    /// Interrupt at step 6 and resume: the same parameters as an uninterrupted run, bit for bit.
+    #[test]
+    fn resume_continues_exactly() {
+        let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::set_num_threads(1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg("qtale");
+        c.steps = 12;
+        c.lora.dropout = 0.05; // exercise the reseeded dropout too
+        let train = counting_data(16, c.seq_len, 0);
+        let mut m1 = tiny_model(1);
+        let mut a = Trainer::new(c.clone(), &mut m1, &dir.path().join("a")).unwrap();
+        a.train(&train, &[], |_| {}).unwrap();
+        let want = params(&a);
+
+        let mut m2 = tiny_model(1);
+        let mut b = Trainer::new(c.clone(), &mut m2, &dir.path().join("b")).unwrap();
+        b.stop_at = Some(6);
+        b.train(&train, &[], |_| {}).unwrap();
+        assert_eq!(b.step(), 6);
+        let at_stop = params(&b);
+        drop(b);
+        let mut m3 = tiny_model(1);
+        let mut b2 = Trainer::new(c.clone(), &mut m3, &dir.path().join("b")).unwrap();
+        assert!(b2.resume().unwrap());
+        assert_eq!(b2.step(), 6);
+        for ((n, x), (_, y)) in at_stop.iter().zip(params(&b2)) {
+            assert_eq!(
+                (x - &y).abs().max().double_value(&[]),
+                0.0,
+                "{n} differs right after resume"
+            );
+        }
+        b2.train(&train, &[], |_| {}).unwrap();
+        for ((n, x), (_, y)) in want.iter().zip(params(&b2)) {
+            assert_eq!(
+                (x - &y).abs().max().double_value(&[]),
+                0.0,
+                "{n} differs after resume"
+            );
+        }
+        // A different config is refused by name.
+        let mut m4 = tiny_model(1);
+        let mut other = Trainer::new(
+            TrainConfig {
+                lambda_entropy: 0.0,
+                ..c
+            },
+            &mut m4,
+            &dir.path().join("b"),
+        )
+        .unwrap();
+        assert!(other
+            .resume()
+            .unwrap_err()
+            .to_string()
+            .contains("different config"));
+    }
+
+    /// Non-finite losses skip the update; too many in a row stop the run, keeping the last checkpoint.
+    #[test]
+    fn nan_losses_are_skipped_then_stop_the_run() {
+        let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::set_num_threads(1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg("dllm");
+        c.steps = 20;
+        c.checkpoint_every = 2;
+        c.max_nonfinite = 3;
+        let train = counting_data(16, c.seq_len, 0);
+        let mut m = tiny_model(1);
+        let mut t = Trainer::new(c, &mut m, dir.path()).unwrap();
+        t.stop_at = Some(2);
+        t.train(&train, &[], |_| {}).unwrap();
+        let ck = dir.path().join("checkpoint.safetensors");
+        let before = std::fs::read(&ck).unwrap();
+        // Poison one LoRA matrix: every forward is NaN from now on.
+        tch::no_grad(|| {
+            let (_, mut v) = t
+                .lora
+                .vs
+                .variables()
+                .into_iter()
+                .find(|(n, _)| n.contains("lora_B"))
+                .unwrap();
+            let _ = v.fill_(f64::NAN);
+        });
+        t.stop_at = None;
+        let e = t.train(&train, &[], |_| {}).unwrap_err().to_string();
+        assert!(
+            e.contains("3 consecutive non-finite") && e.contains("checkpoint.safetensors"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read(&ck).unwrap(),
+            before,
+            "the last good checkpoint is kept"
+        );
+    }
+
     #[test]
     fn ce_falls_ratio_reaches_target_and_entropy_term_keeps_routers_soft() {
+        let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let (d, ce0, r0) = run(cfg("dllm"), &dir.path().join("dllm"));
         let (q, _, _) = run(cfg("qtale"), &dir.path().join("qtale"));
