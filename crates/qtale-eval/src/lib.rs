@@ -1,1 +1,31 @@
-//! (being written)
+//! `qtale-eval`: the benchmark harness of QTALE-rs, scoring multiple-choice tasks exactly as
+//! lm-evaluation-harness does (rules in `shared/notes/eval-protocol.md`), plus GPTQ-style perplexity,
+//! KL divergence against a reference model, and efficiency accounting.
+//!
+//! * [`data`]: Arrow IPC stream / Parquet / gzip JSONL readers into rows that name file, row and field
+//!   in their errors.
+//! * [`tasks`]: the tasks as data (PIQA, BoolQ, SIQA, ARC-e, ARC-c, WinoGrande, OBQA, HellaSwag, COPA,
+//!   CommonsenseQA, SciQ): where their docs are and how a row becomes `(context, continuation)` pairs.
+//! * [`encode`]: lm-eval's pair tokenization (trailing-space move, prefix token, BOS flag).
+//! * [`scorer`]: the [`scorer::Scorer`] interface and the batched, context-sharing [`scorer::LmScorer`]
+//!   over any [`scorer::Decoder`] (implemented for the dense `qtale_model::Llama`).
+//! * [`metrics`]: acc / acc_norm with standard errors, the CSQA-7 average.
+//! * [`ppl`]: perplexity over non-overlapping windows and KL divergence.
+//! * [`run`], [`report`]: scoring a task, and the results JSON / CSV / per-doc log.
+pub mod data;
+pub mod encode;
+pub mod error;
+pub mod metrics;
+pub mod ppl;
+pub mod report;
+pub mod run;
+pub mod scorer;
+pub mod tasks;
+
+pub use encode::EncodeConfig;
+pub use error::{EvalError, Result};
+pub use scorer::{Decoder, LlRequest, LlResult, LmScorer, Scorer};
+pub use tasks::{load_task, McDoc, TaskData, TaskId};
+
+/// Re-exported for binaries that draw the progress bar.
+pub use indicatif;

@@ -1,1 +1,23 @@
-//! (being written)
+//! Compute kernels for packed low-bit weights.
+//!
+//! * [`pack`]: exact bit packing of 2/3/4/8-bit codes into little-endian `u32` streams (the layout HF
+//!   GPTQ checkpoints use along their packed dimension).
+//! * [`int4`]: a group-wise asymmetric int4 matrix ([`int4::Int4Matrix`]) and its GEMV / small-batch
+//!   GEMM `y = x W^T`: an AVX2+FMA kernel chosen at run time (activations quantized to int8 once per
+//!   call, `maddubs` integer dot products, one float FMA per 32 weights) and a scalar f32 reference,
+//!   multithreaded by output-row chunks.
+pub mod int4;
+pub mod pack;
+
+/// Errors of the kernel crate: always name the offending quantity.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("unsupported bit width {0} (supported: 2, 3, 4, 8)")]
+    UnsupportedBits(u32),
+    #[error("code {code} at index {index} does not fit in {bits} bits")]
+    CodeOutOfRange { index: usize, code: u8, bits: u32 },
+    #[error("shape error: {0}")]
+    Shape(String),
+}
+
+pub type Result<T> = std::result::Result<T, KernelError>;

@@ -11,11 +11,13 @@
 //! * [`convert`]: GGUF -> HF directory (safetensors + config.json + tokenizer.json).
 pub mod config;
 pub mod convert;
+pub mod corpus;
 pub mod cuda;
 pub mod error;
 pub mod gguf;
 pub mod load;
 pub mod model;
+pub mod quantize;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,1 +1,31 @@
-//! (being written)
+//! Token-adaptive layer execution (D-LLM routers) with real compute skipping, and QTALE's post-training
+//! execution-ratio adjustment.
+//!
+//! * [`router`]: the [`Router`] trait; the D-LLM router ([`DllmRouter`], own `VarStore`, own safetensors
+//!   file) and the baselines [`DenseRouter`], [`StaticRouter`], [`RandomRouter`].
+//! * [`config`]: [`RoutingConfig`] (start layer, reserved tokens, KV policy, theta, router size, Gumbel
+//!   temperature).
+//! * [`routed`]: [`RoutedLlama`], training mode (hard Gumbel straight-through, masked) and inference mode
+//!   (gather the executing tokens per layer, run the block on them only, scatter back; prefill and
+//!   decode, batched).
+//! * [`stats`]: [`ExecStats`] per forward (execute bits, ratios, FLOPs, KV bytes) and the mergeable
+//!   [`ExecSummary`].
+//! * [`calibrate`]: theta by bisection to a target ratio, or by a grid search on a caller's score.
+//! * [`analysis`]: router logit-gap histograms and Gumbel flip rates per layer.
+pub mod analysis;
+pub mod calibrate;
+pub mod config;
+pub mod error;
+pub mod routed;
+pub mod router;
+pub mod stats;
+
+pub use analysis::{analyze, AnalysisOptions, LayerAnalysis, RouterAnalysis};
+pub use calibrate::{
+    calibrate_grid, calibrate_ratio, measure, BisectOptions, ThetaPoint, ThetaReport,
+};
+pub use config::{KvPolicy, RoutingConfig};
+pub use error::{Result, RouterError};
+pub use routed::{hard_gumbel, CalibBatch, ForwardOptions, Mode, RoutedLlama, RoutedOutput};
+pub use router::{logits_from_mask, DenseRouter, DllmRouter, RandomRouter, Router, StaticRouter};
+pub use stats::{ExecStats, ExecSummary, FlopModel};

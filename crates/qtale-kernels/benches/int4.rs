@@ -1,0 +1,289 @@
+//! int4 GEMV / small GEMM against tch f32 matmul and a memory-copy bandwidth probe, in one run.
+//!
+//! Weights are spread over enough distinct matrices to exceed the L3 cache (32 MiB here), so the
+//! GEMV numbers measure DRAM streaming. Prints bytes/s and the fraction of the measured copy and
+//! read bandwidth. bf16 matmul runs only on CUDA (skipped without a GPU; CPU bf16 is unusably slow).
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use qtale_kernels::int4::{default_threads, Backend, Int4Matrix};
+
+const MIB: usize = 1 << 20;
+
+fn random_matrix(rows: usize, cols: usize, group: usize, seed: u64) -> Int4Matrix {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as u32
+    };
+    let ng = cols / group;
+    let codes: Vec<u8> = (0..rows * cols).map(|_| (next() & 15) as u8).collect();
+    let scales: Vec<f32> = (0..rows * ng)
+        .map(|_| (next() % 1000) as f32 * 1e-5 + 1e-3)
+        .collect();
+    let zeros: Vec<u8> = (0..rows * ng).map(|_| (next() & 15) as u8).collect();
+    Int4Matrix::new(rows, cols, group, &codes, &scales, &zeros).unwrap()
+}
+
+/// Copies needed so that `per` bytes each exceed `bytes` in total.
+fn copies_over(per: usize, bytes: usize) -> usize {
+    bytes.div_ceil(per).max(2)
+}
+
+/// Median seconds of `f` over `reps` runs after a warm-up.
+fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Read-only bandwidth with `threads` threads over a 512 MiB buffer (sum of u64 words).
+fn read_bandwidth(buf: &[u64], threads: usize) -> f64 {
+    let secs = median_secs(5, || {
+        let chunk = buf.len().div_ceil(threads);
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .fold(0, u64::wrapping_add)
+        });
+        black_box(total);
+    });
+    (buf.len() * 8) as f64 / secs
+}
+
+/// memcpy bandwidth: bytes read + bytes written per second, `threads` threads over 256 MiB.
+fn copy_bandwidth(src: &[u8], dst: &mut [u8], threads: usize) -> f64 {
+    let secs = median_secs(5, || {
+        let chunk = src.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            for (a, b) in src.chunks(chunk).zip(dst.chunks_mut(chunk)) {
+                s.spawn(move || b.copy_from_slice(a));
+            }
+        });
+        black_box(&dst);
+    });
+    (2 * src.len()) as f64 / secs
+}
+
+struct Line {
+    name: String,
+    bytes: usize,
+    secs: f64,
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20);
+    let threads = default_threads();
+    tch::set_num_threads(threads as i32);
+    let backend = Backend::detect();
+    println!("int4 bench: backend {backend:?}, {threads} threads (QTALE_KERNEL_THREADS to change)");
+    let mut lines: Vec<Line> = Vec::new();
+
+    // Memory bandwidth.
+    let src = vec![1u8; 256 * MIB];
+    let mut dst = vec![0u8; 256 * MIB];
+    let words: Vec<u64> = (0..64 * MIB as u64).collect();
+    {
+        let mut g = c.benchmark_group("memcpy");
+        g.throughput(Throughput::Bytes((2 * src.len()) as u64));
+        g.bench_function("256MiB", |b| {
+            b.iter(|| dst.copy_from_slice(black_box(&src)))
+        });
+        g.finish();
+    }
+    let copy_bw = copy_bandwidth(&src, &mut dst, threads);
+    let read_bw = read_bandwidth(&words, threads);
+    drop((src, dst, words));
+
+    // int4 GEMV / GEMM on 4096 x 4096, many copies (beyond L3).
+    for group in [128usize, 64] {
+        let (rows, cols) = (4096, 4096);
+        let per = random_matrix(rows, cols, group, 0).bytes();
+        let n = copies_over(per, 96 * MIB);
+        let mats: Vec<Int4Matrix> = (0..n)
+            .map(|i| random_matrix(rows, cols, group, i as u64))
+            .collect();
+        for m in [1usize, 4, 8] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+                .collect();
+            let mut y = vec![0f32; m * rows];
+            let mut k = 0;
+            let name = format!("int4 {rows}x{cols} g{group} m{m}");
+            let mut g = c.benchmark_group("int4_4096");
+            g.throughput(Throughput::Bytes(per as u64));
+            g.bench_function(
+                BenchmarkId::new(format!("g{group}"), format!("m{m}")),
+                |b| {
+                    b.iter(|| {
+                        mats[k % n]
+                            .gemm_with(&x, m, &mut y, backend, threads)
+                            .unwrap();
+                        k += 1;
+                    })
+                },
+            );
+            g.finish();
+            let secs = median_secs(30, || {
+                mats[k % n]
+                    .gemm_with(&x, m, &mut y, backend, threads)
+                    .unwrap();
+                k += 1;
+            });
+            lines.push(Line {
+                name,
+                bytes: per,
+                secs,
+            });
+        }
+        if group == 128 {
+            // scalar reference for scale
+            let x = vec![0.5f32; cols];
+            let mut y = vec![0f32; rows];
+            let mut k = 0;
+            let secs = median_secs(5, || {
+                mats[k % n]
+                    .gemm_with(&x, 1, &mut y, Backend::Scalar, threads)
+                    .unwrap();
+                k += 1;
+            });
+            lines.push(Line {
+                name: format!("scalar ref {rows}x{cols} g{group} m1"),
+                bytes: per,
+                secs,
+            });
+        }
+    }
+
+    // SmolLM2-135M decode: the 7 linears of all 30 blocks, one token (weights ~ 53 MB > L3).
+    for group in [64usize, 128] {
+        let shapes = [
+            (576, 576),
+            (192, 576),
+            (192, 576),
+            (576, 576),
+            (1536, 576),
+            (1536, 576),
+            (576, 1536),
+        ];
+        let mats: Vec<Int4Matrix> = (0..30)
+            .flat_map(|l| {
+                shapes
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, &(r, cc))| (l, j, r, cc))
+            })
+            .filter(|&(_, _, _, cc)| cc % group == 0)
+            .map(|(l, j, r, cc)| random_matrix(r, cc, group, (l * 7 + j) as u64))
+            .collect();
+        let bytes: usize = mats.iter().map(Int4Matrix::bytes).sum();
+        let xs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0.25; m.cols()]).collect();
+        let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![0.0; m.rows()]).collect();
+        let mut run = || {
+            for ((m, x), y) in mats.iter().zip(&xs).zip(ys.iter_mut()) {
+                m.gemm_with(x, 1, y, backend, threads).unwrap();
+            }
+        };
+        let mut g = c.benchmark_group("smollm2_decode_linears");
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function(format!("g{group}"), |b| b.iter(&mut run));
+        g.finish();
+        let secs = median_secs(10, &mut run);
+        lines.push(Line {
+            name: format!("SmolLM2 30x7 linears g{group} m1 ({} matrices)", mats.len()),
+            bytes,
+            secs,
+        });
+    }
+
+    // tch f32 for comparison (dense weights: 4 bytes per weight), several copies beyond L3.
+    {
+        use tch::{Kind, Tensor};
+        let n = copies_over(64 * MIB, 160 * MIB);
+        let ws: Vec<Tensor> = (0..n)
+            .map(|_| Tensor::randn([4096, 4096], (Kind::Float, tch::Device::Cpu)))
+            .collect();
+        for m in [1i64, 8] {
+            let x = Tensor::randn([m, 4096], (Kind::Float, tch::Device::Cpu));
+            let mut k = 0;
+            let mut g = c.benchmark_group("tch_f32_4096");
+            g.throughput(Throughput::Bytes(64 * MIB as u64));
+            g.bench_function(format!("m{m}"), |b| {
+                b.iter(|| {
+                    let _ = black_box(x.matmul(&ws[k % n].tr()));
+                    k += 1;
+                })
+            });
+            g.finish();
+            let secs = median_secs(20, || {
+                let _ = black_box(x.matmul(&ws[k % n].tr()));
+                k += 1;
+            });
+            lines.push(Line {
+                name: format!("tch f32 4096x4096 m{m}"),
+                bytes: 64 * MIB,
+                secs,
+            });
+        }
+        if tch::Cuda::is_available() {
+            let dev = tch::Device::Cuda(0);
+            let w = Tensor::randn([4096, 4096], (Kind::BFloat16, dev));
+            let x = Tensor::randn([1, 4096], (Kind::BFloat16, dev));
+            let secs = median_secs(50, || {
+                let _ = black_box(x.matmul(&w.tr()));
+                tch::Cuda::synchronize(0);
+            });
+            lines.push(Line {
+                name: "tch bf16 CUDA 4096x4096 m1".into(),
+                bytes: 32 * MIB,
+                secs,
+            });
+        } else {
+            println!("no CUDA: bf16 matmul skipped (CPU bf16 is not a usable path)");
+        }
+    }
+    c.final_summary();
+
+    println!();
+    println!(
+        "memory: copy {:.1} GB/s (read + write), read-only {:.1} GB/s ({threads} threads)",
+        copy_bw / 1e9,
+        read_bw / 1e9
+    );
+    println!(
+        "{:<48} {:>10} {:>10} {:>9} {:>9}",
+        "kernel", "us", "GB/s", "of copy", "of read"
+    );
+    for l in &lines {
+        let bw = l.bytes as f64 / l.secs;
+        println!(
+            "{:<48} {:>10.1} {:>10.2} {:>8.0}% {:>8.0}%",
+            l.name,
+            l.secs * 1e6,
+            bw / 1e9,
+            100.0 * bw / copy_bw,
+            100.0 * bw / read_bw
+        );
+    }
+    println!("(GB/s = weight bytes streamed per second: packed nibbles + f32 scales + u8 zeros; f32 for tch)");
+}

@@ -1,0 +1,434 @@
+//! Group-wise asymmetric int4 weights and their matrix-vector kernels.
+//!
+//! Format ([`Int4Matrix`]): `W[r, c] = scale[r, g] * (q[r, c] - zero[r, g])` with `g = c / group`,
+//! `q, zero` in `0..16`. Codes are stored row-major in blocks of 32 weights: 16 bytes per block, the low
+//! nibble of byte `j` is weight `j` of the block and the high nibble weight `j + 16` (as ggml's Q4 blocks).
+//! Scales are f32, zero points one byte each, both `[rows, cols / group]`.
+//!
+//! Kernels compute `y[t, r] = sum_c x[t, c] W[r, c]` for `m` tokens:
+//! * [`Backend::Scalar`]: the f32 reference (dequantize each weight, f32 dot products);
+//! * [`Backend::Avx2`] (chosen at run time when the CPU has AVX2 and FMA): each token's activations are
+//!   quantized once per call to int8 with one scale per weight group (symmetric, round to nearest), the
+//!   inner loop multiplies unsigned nibbles by signed int8 with `vpmaddubsw`/`vpmaddwd` into i32, and
+//!   each group costs one float FMA; the zero-point term uses the exact f32 sum of the group's
+//!   activations. Its only error against the reference is the int8 rounding of the activations.
+//!
+//! Both run multithreaded over chunks of output rows ([`Int4Matrix::gemm_with`]).
+use crate::{KernelError, Result};
+
+/// Weights per packed block (16 bytes).
+pub const BLOCK: usize = 32;
+
+/// Which kernel computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// f32 reference.
+    Scalar,
+    /// AVX2 + FMA, int8 activations.
+    Avx2,
+}
+
+impl Backend {
+    /// The fastest backend this CPU supports (run-time detection).
+    pub fn detect() -> Backend {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Backend::Avx2;
+            }
+        }
+        Backend::Scalar
+    }
+
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Scalar => true,
+            Backend::Avx2 => Backend::detect() == Backend::Avx2,
+        }
+    }
+}
+
+/// A packed int4 matrix `[rows, cols]` with group-wise scales and zero points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int4Matrix {
+    rows: usize,
+    cols: usize,
+    group: usize,
+    qs: Vec<u8>,
+    scales: Vec<f32>,
+    zeros: Vec<u8>,
+}
+
+impl Int4Matrix {
+    /// Pack codes `[rows, cols]` (row-major, each `< 16`), scales and zero points `[rows, cols / group]`.
+    /// `group` must be a multiple of 32 that divides `cols`.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        codes: &[u8],
+        scales: &[f32],
+        zeros: &[u8],
+    ) -> Result<Self> {
+        if group == 0 || !group.is_multiple_of(BLOCK) || !cols.is_multiple_of(group) {
+            return Err(KernelError::Shape(format!(
+                "int4 group size {group} must be a positive multiple of {BLOCK} dividing cols = {cols}"
+            )));
+        }
+        let ng = cols / group;
+        if codes.len() != rows * cols {
+            return Err(KernelError::Shape(format!(
+                "codes: {} values for a [{rows}, {cols}] matrix",
+                codes.len()
+            )));
+        }
+        if scales.len() != rows * ng || zeros.len() != rows * ng {
+            return Err(KernelError::Shape(format!(
+                "scales/zeros: {}/{} values, expected [{rows}, {ng}] = {}",
+                scales.len(),
+                zeros.len(),
+                rows * ng
+            )));
+        }
+        for (index, &code) in codes.iter().chain(zeros.iter()).enumerate() {
+            if code > 15 {
+                return Err(KernelError::CodeOutOfRange {
+                    index,
+                    code,
+                    bits: 4,
+                });
+            }
+        }
+        let mut qs = vec![0u8; rows * cols / 2];
+        for (blk, (src, dst)) in codes
+            .chunks_exact(BLOCK)
+            .zip(qs.chunks_exact_mut(BLOCK / 2))
+            .enumerate()
+        {
+            let _ = blk;
+            for j in 0..BLOCK / 2 {
+                dst[j] = src[j] | (src[j + BLOCK / 2] << 4);
+            }
+        }
+        Ok(Int4Matrix {
+            rows,
+            cols,
+            group,
+            qs,
+            scales: scales.to_vec(),
+            zeros: zeros.to_vec(),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn group(&self) -> usize {
+        self.group
+    }
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+    pub fn zeros(&self) -> &[u8] {
+        &self.zeros
+    }
+    /// The packed nibbles (`rows * cols / 2` bytes).
+    pub fn packed(&self) -> &[u8] {
+        &self.qs
+    }
+
+    /// Bytes held (codes, scales, zero points).
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + self.scales.len() * 4 + self.zeros.len()
+    }
+
+    /// Storage in bits per weight.
+    pub fn bits_per_weight(&self) -> f64 {
+        self.bytes() as f64 * 8.0 / (self.rows * self.cols) as f64
+    }
+
+    /// The codes `[rows, cols]`, row-major.
+    pub fn codes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.rows * self.cols];
+        for (src, dst) in self
+            .qs
+            .chunks_exact(BLOCK / 2)
+            .zip(out.chunks_exact_mut(BLOCK))
+        {
+            for j in 0..BLOCK / 2 {
+                dst[j] = src[j] & 0x0F;
+                dst[j + BLOCK / 2] = src[j] >> 4;
+            }
+        }
+        out
+    }
+
+    /// The dequantized weight `[rows, cols]`, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let ng = self.cols / self.group;
+        let mut w = self.codes().into_iter().map(f32::from).collect::<Vec<_>>();
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let g = r * ng + c / self.group;
+                let i = r * self.cols + c;
+                w[i] = self.scales[g] * (w[i] - self.zeros[g] as f32);
+            }
+        }
+        w
+    }
+
+    /// `y = x W^T` for `x: [m, cols]` (row-major), `y: [m, rows]`, with the detected backend and all
+    /// available threads.
+    pub fn gemm(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        self.gemm_with(x, m, y, Backend::detect(), default_threads())
+    }
+
+    /// `y = x W^T` with an explicit backend and thread count (`threads` is an upper bound: small
+    /// products run on fewer threads).
+    pub fn gemm_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        backend: Backend,
+        threads: usize,
+    ) -> Result<()> {
+        if x.len() != m * self.cols || y.len() != m * self.rows {
+            return Err(KernelError::Shape(format!(
+                "gemm: x has {} values, y {}; expected [{m}, {}] and [{m}, {}]",
+                x.len(),
+                y.len(),
+                self.cols,
+                self.rows
+            )));
+        }
+        if !backend.is_available() {
+            return Err(KernelError::Shape(format!(
+                "backend {backend:?} is not supported by this CPU"
+            )));
+        }
+        if m == 0 || self.rows == 0 {
+            return Ok(());
+        }
+        let acts = match backend {
+            Backend::Avx2 => Some(QuantActs::new(x, m, self.cols, self.group)),
+            Backend::Scalar => None,
+        };
+        // Below about 256K multiply-adds a thread costs more than it saves.
+        let work = self.rows * self.cols * m;
+        let threads = threads.clamp(1, (work >> 18).max(1)).min(self.rows);
+        let chunk = self.rows.div_ceil(threads);
+        let run = |r0: usize, out: &mut [f32]| {
+            let r1 = (r0 + chunk).min(self.rows);
+            match (&acts, backend) {
+                #[cfg(target_arch = "x86_64")]
+                (Some(a), Backend::Avx2) => {
+                    // SAFETY: Avx2 is only reachable when `is_available` saw AVX2 and FMA.
+                    unsafe { avx2::rows(self, a, m, r0, r1, out) }
+                }
+                _ => self.rows_scalar(x, m, r0, r1, out),
+            }
+        };
+        // Per-thread output `[rows of chunk, m]`, scattered into `y: [m, rows]` afterwards.
+        let mut parts: Vec<Vec<f32>> = (0..threads)
+            .map(|i| {
+                let r0 = i * chunk;
+                vec![0.0; (chunk.min(self.rows.saturating_sub(r0))) * m]
+            })
+            .collect();
+        if threads == 1 {
+            run(0, &mut parts[0]);
+        } else {
+            std::thread::scope(|s| {
+                let mut it = parts.iter_mut().enumerate();
+                let (_, first) = it.next().expect("threads >= 1");
+                for (i, p) in it {
+                    let run = &run;
+                    s.spawn(move || run(i * chunk, p));
+                }
+                run(0, first);
+            });
+        }
+        for (i, p) in parts.iter().enumerate() {
+            let r0 = i * chunk;
+            let n = p.len() / m;
+            for rr in 0..n {
+                for t in 0..m {
+                    y[t * self.rows + r0 + rr] = p[rr * m + t];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rows_scalar(&self, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+        let ng = self.cols / self.group;
+        let mut wrow = vec![0f32; self.cols];
+        for r in r0..r1 {
+            let q = &self.qs[r * self.cols / 2..(r + 1) * self.cols / 2];
+            for (b, src) in q.chunks_exact(BLOCK / 2).enumerate() {
+                for j in 0..BLOCK / 2 {
+                    wrow[b * BLOCK + j] = (src[j] & 0x0F) as f32;
+                    wrow[b * BLOCK + j + BLOCK / 2] = (src[j] >> 4) as f32;
+                }
+            }
+            for g in 0..ng {
+                let (s, z) = (self.scales[r * ng + g], self.zeros[r * ng + g] as f32);
+                for w in &mut wrow[g * self.group..(g + 1) * self.group] {
+                    *w = s * (*w - z);
+                }
+            }
+            for t in 0..m {
+                let xt = &x[t * self.cols..(t + 1) * self.cols];
+                out[(r - r0) * m + t] = wrow.iter().zip(xt).map(|(a, b)| a * b).sum();
+            }
+        }
+    }
+}
+
+/// Threads the kernels use by default: `QTALE_KERNEL_THREADS`, else the available parallelism.
+pub fn default_threads() -> usize {
+    std::env::var("QTALE_KERNEL_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Activations quantized to int8, one scale per (token, weight group), plus the exact f32 group sums.
+#[derive(Debug)]
+pub struct QuantActs {
+    /// `[m, cols]`
+    pub q: Vec<i8>,
+    /// `[m, cols / group]`
+    pub d: Vec<f32>,
+    /// `[m, cols / group]`
+    pub sum: Vec<f32>,
+}
+
+impl QuantActs {
+    pub fn new(x: &[f32], m: usize, cols: usize, group: usize) -> Self {
+        let ng = cols / group;
+        let mut q = vec![0i8; m * cols];
+        let mut d = vec![0f32; m * ng];
+        let mut sum = vec![0f32; m * ng];
+        for (i, (xs, qs)) in x
+            .chunks_exact(group)
+            .zip(q.chunks_exact_mut(group))
+            .enumerate()
+        {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            sum[i] = xs.iter().sum();
+            if amax > 0.0 && amax.is_finite() {
+                let scale = amax / 127.0;
+                let inv = 1.0 / scale;
+                for (o, v) in qs.iter_mut().zip(xs) {
+                    *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                }
+                d[i] = scale;
+            }
+        }
+        QuantActs { q, d, sum }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Int4Matrix, QuantActs, BLOCK};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Rows `r0..r1` for tokens `t0..t0+NT` into `out[(r - r0) * m + t]`.
+    #[allow(clippy::needless_range_loop)] // indexes several NT-arrays in step
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const NT: usize>(
+        w: &Int4Matrix,
+        a: &QuantActs,
+        m: usize,
+        t0: usize,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+    ) {
+        let cols = w.cols;
+        let ng = cols / w.group;
+        let bpg = w.group / BLOCK;
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+        let qp = w.qs.as_ptr();
+        let xq = a.q.as_ptr();
+        for r in r0..r1 {
+            let row = qp.add(r * cols / 2);
+            let mut tot = [_mm256_setzero_ps(); NT];
+            let mut zterm = [0f32; NT];
+            for g in 0..ng {
+                let s = *w.scales.get_unchecked(r * ng + g);
+                let z = *w.zeros.get_unchecked(r * ng + g) as f32;
+                let mut acc = [_mm256_setzero_si256(); NT];
+                for b in g * bpg..(g + 1) * bpg {
+                    let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                        row.add(b * BLOCK / 2) as *const __m128i
+                    ));
+                    let nib = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
+                    for t in 0..NT {
+                        let xv = _mm256_loadu_si256(
+                            xq.add((t0 + t) * cols + b * BLOCK) as *const __m256i
+                        );
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(nib, xv), ones);
+                        acc[t] = _mm256_add_epi32(acc[t], p);
+                    }
+                }
+                for t in 0..NT {
+                    let i = (t0 + t) * ng + g;
+                    let f = s * *a.d.get_unchecked(i);
+                    tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_set1_ps(f), tot[t]);
+                    zterm[t] += s * z * *a.sum.get_unchecked(i);
+                }
+            }
+            for t in 0..NT {
+                *out.get_unchecked_mut((r - r0) * m + t0 + t) = hsum(tot[t]) - zterm[t];
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `a` must come from the same `cols`/`group` as `w`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows(
+        w: &Int4Matrix,
+        a: &QuantActs,
+        m: usize,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+    ) {
+        assert!(out.len() >= (r1 - r0) * m);
+        assert!(a.q.len() == m * w.cols && a.d.len() == m * (w.cols / w.group));
+        let mut t0 = 0;
+        while t0 < m {
+            let nt = (m - t0).min(4);
+            match nt {
+                4 => tile::<4>(w, a, m, t0, r0, r1, out),
+                3 => tile::<3>(w, a, m, t0, r0, r1, out),
+                2 => tile::<2>(w, a, m, t0, r0, r1, out),
+                _ => tile::<1>(w, a, m, t0, r0, r1, out),
+            }
+            t0 += nt;
+        }
+    }
+}

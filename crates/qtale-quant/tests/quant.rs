@@ -1,0 +1,330 @@
+//! RTN formula, GPTQ vs RTN on correlated inputs, AWQ searches, GPTQ packed layout round trips and errors.
+use qtale_quant::awq::{search_clip, search_scales, ALPHA_GRID};
+use qtale_quant::gptq::Gptq;
+use qtale_quant::packed::{
+    read_quantization_config, save_safetensors, Checkpoint, GptqPacked, GptqQuantizationConfig,
+};
+use qtale_quant::rtn::{fake_quantize, quantize_rtn};
+use qtale_quant::{QuantConfig, QuantError, WeightQuantizer};
+use tch::{Kind, Tensor};
+
+fn seed(s: i64) {
+    tch::manual_seed(s);
+}
+
+fn cfg(bits: u32, group: usize) -> QuantConfig {
+    QuantConfig::new(bits, group).unwrap()
+}
+
+/// A fixed mixing matrix `[d / 4, d]` defining one input distribution.
+fn mixing(d: i64) -> Tensor {
+    Tensor::randn([d / 4, d], (Kind::Float, tch::Device::Cpu))
+}
+
+/// Inputs with strongly correlated channels and a few outlier channels: `[n, d]`, drawn from the
+/// distribution of `mix`.
+fn correlated_inputs(n: i64, mix: &Tensor) -> Tensor {
+    let d = mix.size()[1];
+    let z = Tensor::randn([n, d / 4], (Kind::Float, tch::Device::Cpu));
+    let noise = Tensor::randn([n, d], (Kind::Float, tch::Device::Cpu)) * 0.1;
+    let chan = Tensor::ones([d], (Kind::Float, tch::Device::Cpu));
+    let _ = chan.narrow(0, 0, 4).fill_(8.0);
+    (z.matmul(&mix) + noise) * chan
+}
+
+fn out_err(w: &Tensor, wq: &Tensor, x: &Tensor) -> f64 {
+    (x.matmul(&(w - wq).transpose(0, 1)))
+        .square()
+        .mean(Kind::Float)
+        .double_value(&[])
+}
+
+#[test]
+fn rtn_dequantized_values_equal_the_formula() {
+    seed(0);
+    for (bits, group, sym) in [
+        (4u32, 32usize, false),
+        (3, 64, false),
+        (2, 64, false),
+        (8, 128, false),
+        (4, 64, true),
+    ] {
+        let w = Tensor::randn([16, 256], (Kind::Float, tch::Device::Cpu));
+        let c = QuantConfig {
+            sym,
+            ..cfg(bits, group)
+        };
+        let q = quantize_rtn(&w, &c, None).unwrap();
+        q.validate().unwrap();
+        let wv: Vec<f32> = Vec::try_from(w.view([-1])).unwrap();
+        let dq: Vec<f32> = Vec::try_from(q.dequantize().view([-1])).unwrap();
+        let codes: Vec<u8> = Vec::try_from(q.codes.view([-1])).unwrap();
+        let maxq = ((1u32 << bits) - 1) as f32;
+        for r in 0..16 {
+            for gi in 0..256 / group {
+                let grp = &wv[r * 256 + gi * group..r * 256 + (gi + 1) * group];
+                let (mn, mx) = grp
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let (scale, zero) = if sym {
+                    let a = mn.abs().max(mx.abs());
+                    (a * (2.0 / maxq), ((maxq + 1.0) / 2.0).floor())
+                } else {
+                    let s = (mx - mn) / maxq;
+                    (s, (-mn / s).round().clamp(0.0, maxq))
+                };
+                for j in 0..group {
+                    let i = r * 256 + gi * group + j;
+                    let code = ((wv[i] / scale).round() + zero).clamp(0.0, maxq);
+                    assert_eq!(
+                        codes[i] as f32, code,
+                        "bits {bits} g {group} sym {sym}: code at {i}"
+                    );
+                    let want = scale * (code - zero);
+                    assert!(
+                        (dq[i] - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "dequant at {i}: {} vs {want}",
+                        dq[i]
+                    );
+                }
+            }
+        }
+    }
+    // the MSE clip grid never loses to plain min-max on the weight error
+    let w = Tensor::randn([32, 128], (Kind::Float, tch::Device::Cpu));
+    let plain = quantize_rtn(&w, &cfg(3, 64), None).unwrap().dequantize();
+    let mse = quantize_rtn(
+        &w,
+        &QuantConfig {
+            mse_clip: true,
+            ..cfg(3, 64)
+        },
+        None,
+    )
+    .unwrap()
+    .dequantize();
+    let e = |q: &Tensor| (q - &w).square().sum(Kind::Float).double_value(&[]);
+    assert!(
+        e(&mse) <= e(&plain) * 1.0001,
+        "mse clip {} vs plain {}",
+        e(&mse),
+        e(&plain)
+    );
+}
+
+#[test]
+fn gptq_beats_rtn_on_a_correlated_input_layer() {
+    seed(1);
+    tch::set_num_threads(1);
+    let (out, d, n) = (64, 256, 2048);
+    let w = Tensor::randn([out, d], (Kind::Float, tch::Device::Cpu));
+    let mix = mixing(d);
+    let x = correlated_inputs(n, &mix);
+    let held_out = correlated_inputs(512, &mix);
+    for bits in [3u32, 4] {
+        let rtn = fake_quantize(&w, &cfg(bits, 64), None).unwrap();
+        let e_rtn = out_err(&w, &rtn, &held_out);
+        for (act_order, static_groups) in [(false, false), (true, false), (true, true)] {
+            let c = QuantConfig {
+                act_order,
+                static_groups,
+                block_size: 32,
+                ..cfg(bits, 64)
+            };
+            let mut g = Gptq::new(d as usize, c, tch::Device::Cpu).unwrap();
+            for chunk in x.split(512, 0) {
+                g.add_batch(&chunk).unwrap();
+            }
+            let q = g.quantize(&w).unwrap();
+            q.validate().unwrap();
+            let rep = g.report.clone().unwrap();
+            assert_eq!(rep.samples, n as usize);
+            let e = out_err(&w, &q.dequantize(), &held_out);
+            eprintln!("bits {bits} act_order {act_order} static {static_groups}: gptq {e:.4} rtn {e_rtn:.4} ({rep:?})");
+            assert!(e < 0.7 * e_rtn, "GPTQ {e} vs RTN {e_rtn}");
+            if act_order && !static_groups {
+                assert!(!q.has_trivial_g_idx());
+            } else {
+                assert!(q.has_trivial_g_idx());
+            }
+        }
+    }
+}
+
+#[test]
+fn gptq_handles_dead_columns_and_escalates_damping() {
+    seed(2);
+    let d = 128;
+    let w = Tensor::randn([32, d], (Kind::Float, tch::Device::Cpu));
+    // column 5 never active; only 16 samples in 128 dims: a singular Hessian
+    let x = Tensor::randn([16, d], (Kind::Float, tch::Device::Cpu));
+    let _ = x.narrow(1, 5, 1).fill_(0.0);
+    let c = QuantConfig {
+        damp_percent: 1e-9,
+        ..cfg(4, 64)
+    };
+    let mut g = Gptq::new(d as usize, c, tch::Device::Cpu).unwrap();
+    g.add_batch(&x).unwrap();
+    let q = g.quantize(&w).unwrap();
+    let rep = g.report.clone().unwrap();
+    assert_eq!(rep.dead_columns, 1);
+    assert!(rep.damp >= 1e-9);
+    eprintln!("{rep:?}");
+    let dq = q.dequantize();
+    assert!(dq.isfinite().all().int64_value(&[]) == 1);
+    // no samples: a named error
+    let mut empty = Gptq::new(d as usize, cfg(4, 64), tch::Device::Cpu).unwrap();
+    assert!(matches!(empty.quantize(&w), Err(QuantError::NoSamples)));
+}
+
+#[test]
+fn awq_search_never_loses_to_rtn_and_clip_search_helps() {
+    seed(3);
+    let (out, d) = (64, 256);
+    let mix = mixing(d);
+    let x = correlated_inputs(1024, &mix);
+    let w = Tensor::randn([out, d], (Kind::Float, tch::Device::Cpu));
+    let c = cfg(3, 64);
+    let y = x.matmul(&w.transpose(0, 1));
+    let absmean = x.abs().mean_dim(0, false, Kind::Float);
+    let res = search_scales(&absmean, &[&w], &c, |fq| {
+        Ok((x.matmul(&fq[0].transpose(0, 1)) - &y)
+            .square()
+            .mean(Kind::Float)
+            .double_value(&[]))
+    })
+    .unwrap();
+    assert_eq!(res.losses.len(), ALPHA_GRID);
+    let best = res.losses.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!(best <= res.losses[0], "alpha 0 is plain RTN");
+    assert!(
+        best < 0.9 * res.losses[0],
+        "scaling should help on outlier channels: {:?}",
+        res.losses
+    );
+    // clip search on the scaled weight
+    let s = res.tensor();
+    let ws = &w * s.unsqueeze(0);
+    let xs = &x / s.unsqueeze(0);
+    let clip = search_clip(&ws, &xs.narrow(0, 0, 256), &c, 20, 0.5).unwrap();
+    assert!(clip.ratios.iter().all(|&r| (0.5..=1.0).contains(&r)));
+    let q_clip = quantize_rtn(&ws, &c, Some(&clip.tensor()))
+        .unwrap()
+        .dequantize()
+        / s.unsqueeze(0);
+    let q_plain = fake_quantize(&ws, &c, None).unwrap() / s.unsqueeze(0);
+    let held = correlated_inputs(512, &mix);
+    let (ec, ep) = (out_err(&w, &q_clip, &held), out_err(&w, &q_plain, &held));
+    eprintln!("awq alpha {} clip {ec:.4} no clip {ep:.4}", res.alpha);
+    assert!(ec <= ep * 1.02);
+}
+
+#[test]
+fn gptq_layout_round_trips_and_rejects_malformed_checkpoints() {
+    seed(4);
+    let dir = tempfile::tempdir().unwrap();
+    for (bits, group, act_order) in [
+        (4u32, 64usize, false),
+        (3, 64, true),
+        (2, 32, false),
+        (8, 128, false),
+    ] {
+        let (out, d) = (96i64, 256i64);
+        let w = Tensor::randn([out, d], (Kind::Float, tch::Device::Cpu));
+        let x = correlated_inputs(512, &mixing(d));
+        let c = QuantConfig {
+            act_order,
+            ..cfg(bits, group)
+        };
+        let mut g = Gptq::new(d as usize, c.clone(), tch::Device::Cpu).unwrap();
+        g.add_batch(&x).unwrap();
+        let q = g.quantize(&w).unwrap();
+        let p = GptqPacked::from_quantized(&q).unwrap();
+        // codes exactly, scales to f16 precision
+        assert!(p.to_quantized().codes.equal(&q.codes));
+        assert!(p.to_quantized().zeros.equal(&q.zeros));
+        assert!(p.to_quantized().g_idx.equal(&q.g_idx));
+        let rel = (p.dequantize() - q.dequantize())
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(rel < 1e-2, "f16 scales: {rel}");
+        let bpw = p.bits_per_weight();
+        eprintln!("bits {bits} group {group}: {bpw:.3} bits per weight");
+        assert!(bpw > bits as f64 && bpw < bits as f64 + 1.0);
+        if bits == 4 && !act_order {
+            let k = p.to_int4().expect("int4 kernel format");
+            let kd = Tensor::from_slice(&k.dequantize()).view([out, d]);
+            assert!(kd.equal(&p.dequantize()));
+        }
+        // file round trip
+        let st = dir.path().join(format!("m{bits}.safetensors"));
+        let norm = Tensor::randn([d], (Kind::Float, tch::Device::Cpu));
+        save_safetensors(
+            &st,
+            &[("layer.q".into(), &p)],
+            &[("layer.norm".into(), &norm)],
+        )
+        .unwrap();
+        let qc = GptqQuantizationConfig::from_quant_config(&c);
+        let ck = Checkpoint::open(&st).unwrap();
+        let back = ck.packed("layer.q", d as usize, out as usize, &qc).unwrap();
+        assert_eq!(back, p);
+        assert!(ck.dense("layer.norm").unwrap().equal(&norm));
+        // malformed: wrong expected shape, missing tensor, unsupported bits
+        assert!(matches!(
+            ck.packed("layer.q", d as usize, 64, &qc),
+            Err(QuantError::TensorShape { .. })
+        ));
+        assert!(matches!(
+            ck.packed("layer.k", d as usize, out as usize, &qc),
+            Err(QuantError::MissingTensor(_))
+        ));
+        let bad = GptqQuantizationConfig {
+            bits: 5,
+            ..qc.clone()
+        };
+        assert!(matches!(
+            ck.packed("layer.q", d as usize, out as usize, &bad),
+            Err(QuantError::UnsupportedBits(5))
+        ));
+    }
+    // a checkpoint without g_idx
+    let w = Tensor::randn([32, 64], (Kind::Float, tch::Device::Cpu));
+    let q = quantize_rtn(&w, &cfg(4, 32), None).unwrap();
+    let p = GptqPacked::from_quantized(&q).unwrap();
+    let st = dir.path().join("no_gidx.safetensors");
+    let qw = Tensor::from_slice(&p.qweight).view([8, 32]);
+    save_safetensors(&st, &[], &[("l.qweight".into(), &qw)]).unwrap();
+    let ck = Checkpoint::open(&st).unwrap();
+    let qc = GptqQuantizationConfig::from_quant_config(&cfg(4, 32));
+    assert!(ck.packed("l", 64, 32, &qc).is_err());
+    // config.json errors
+    let cj = dir.path().join("config.json");
+    std::fs::write(&cj, r#"{"hidden_size": 8}"#).unwrap();
+    assert!(matches!(
+        read_quantization_config(&cj),
+        Err(QuantError::MissingQuantConfig { .. })
+    ));
+    std::fs::write(
+        &cj,
+        r#"{"quantization_config": {"quant_method": "gptq", "bits": 6, "group_size": 128}}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        read_quantization_config(&cj),
+        Err(QuantError::UnsupportedBits(6))
+    ));
+    std::fs::write(
+        &cj,
+        r#"{"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        read_quantization_config(&cj),
+        Err(QuantError::UnsupportedMethod(_))
+    ));
+    std::fs::write(&cj, r#"{"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": true}}"#).unwrap();
+    let qc = read_quantization_config(&cj).unwrap();
+    assert!(qc.desc_act && qc.sym);
+}
