@@ -103,8 +103,8 @@ impl TrainConfig {
         };
         match name {
             "dllm" => Ok(base),
-            "qtale" => Ok(TrainConfig { lambda_entropy: 0.25, ..base }),
-                lambda_entropy: 0.1,
+            "qtale" => Ok(TrainConfig {
+                lambda_entropy: 0.25,
                 ..base
             }),
             other => Err(config_err(
@@ -816,7 +816,6 @@ pub(crate) mod tests_support {
         let s = t.train(&train, &val, |_| {}).unwrap();
         (s, ce0, r0)
     }
-
 }
 
 #[cfg(test)]
@@ -999,7 +998,10 @@ mod sweep {
             let mut t = Trainer::new(c, &mut model, &dir.path().join(format!("l{l2}"))).unwrap();
             let s = t.train(&train, &val, |_| {}).unwrap();
             let d = &s.val_diag;
-            println!("{l2},{:.4},{:.4},{:.4},{:.4},{:.4}", s.val_ce, s.val_ratio, d.entropy, d.logit_gap, d.flip_rate);
+            println!(
+                "{l2},{:.4},{:.4},{:.4},{:.4},{:.4}",
+                s.val_ce, s.val_ratio, d.entropy, d.logit_gap, d.flip_rate
+            );
         }
     }
 }
