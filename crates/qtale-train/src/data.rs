@@ -214,6 +214,54 @@ mod tests {
         assert_eq!(train, train2, "same seed, same order");
     }
 
+    /// A word-level tokenizer: "a b c" -> [1, 2, 3].
+    fn words() -> Tokenizer {
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3,"d":4},"unk_token":"<unk>"}}"#;
+        json.parse().unwrap()
+    }
+
+    #[test]
+    fn jsonl_text_and_instruction_pairs_with_masked_prompts() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data.jsonl");
+        std::fs::write(
+            &p,
+            "{\"text\": \"a b c\"}\n\n{\"instruction\": \"a b\", \"response\": \"c\"}\n",
+        )
+        .unwrap();
+        let ex = read_jsonl(&p, &words(), 4, 9, 8).unwrap();
+        // The text packs into one sequence [a b c EOS]; the pair is [a b | c EOS], prompt masked.
+        assert_eq!(ex[0].ids, vec![1, 2, 3, 9]);
+        assert_eq!(ex[1].ids, vec![1, 2, 3, 9]);
+        assert_eq!(ex[1].loss, vec![false, false, true, true]);
+        let ex = read_jsonl(&p, &words(), 6, 9, 8).unwrap();
+        assert_eq!(
+            ex.len(),
+            1,
+            "the text is shorter than 6 tokens: only the pair remains"
+        );
+        assert_eq!(ex[0].ids, vec![1, 2, 3, 9, 8, 8]);
+        let b = collate(&[&ex[0]], Device::Cpu);
+        assert_eq!(
+            Vec::<i64>::try_from(b.attention_mask.view([-1])).unwrap(),
+            vec![1, 1, 1, 1, 0, 0]
+        );
+
+        std::fs::write(&p, "{\"text\": \"a\"}\n{\"prompt\": \"a\"}\n").unwrap();
+        let e = read_jsonl(&p, &words(), 4, 9, 8).unwrap_err().to_string();
+        assert!(e.contains("data.jsonl:2") && e.contains("response"), "{e}");
+        std::fs::write(&p, "{\"text\": 5}\n").unwrap();
+        let e = read_jsonl(&p, &words(), 4, 9, 8).unwrap_err().to_string();
+        assert!(e.contains("data.jsonl:1") && e.contains("text"), "{e}");
+        std::fs::write(&p, "not json\n").unwrap();
+        assert!(read_jsonl(&p, &words(), 4, 9, 8)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid JSON"));
+    }
+
     #[test]
     fn masked_ce_counts_only_targets() {
         let e1 = Example {
