@@ -211,7 +211,7 @@ fn summary(model: &Llama, prompt: &Tensor, reps: usize) {
         let rl = routed(model, r);
         let st = rl
             .forward(
-                &prompt,
+                prompt,
                 None,
                 Mode::Infer,
                 &ForwardOptions {

@@ -631,3 +631,99 @@ fn theta_grid_rule_with_synthetic_score() {
     .unwrap();
     assert!(rep.converged, "{rep:?}");
 }
+
+#[test]
+fn hard_gumbel_samples_at_softmax_rate() {
+    // P(hard sample = execute) = softmax(logits)[1] whatever the temperature; forward value is 0/1.
+    let _g = tch::no_grad_guard();
+    let n = 40_000;
+    let logits = Tensor::from_slice(&[0.0f32, 1.0])
+        .view([1, 1, 2])
+        .repeat([1, n, 1]);
+    for tau in [0.5, 1.0, 2.0] {
+        let (hard, st) = hard_gumbel(&logits, tau);
+        let rate = hard
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let want = 1.0 / (1.0 + (-1.0f64).exp());
+        assert!(
+            (rate - want).abs() < 0.015,
+            "tau {tau}: rate {rate} vs {want}"
+        );
+        assert_eq!(max_abs_diff(&st, &hard.to_kind(Kind::Float)), 0.0);
+    }
+}
+
+#[test]
+fn bad_inputs_give_errors() {
+    let _g = tch::no_grad_guard();
+    let model = tiny_model(3, 9);
+    let c = cfg(1, 1, KvPolicy::Evict, 0.5);
+    let routed = RoutedLlama::new(&model, DenseRouter, c.clone()).unwrap();
+    let ids = random_ids(2, 5, 96, 0);
+    let bad = Tensor::ones([2, 5, 2], (Kind::Bool, Device::Cpu));
+    let e = routed
+        .forward(
+            &ids,
+            None,
+            Mode::Infer,
+            &ForwardOptions {
+                forced: Some(&bad),
+                stats: false,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("forced decisions"), "{e}");
+    let e = routed
+        .forward(
+            &(ids.shallow_clone() + 100),
+            None,
+            Mode::Infer,
+            &ForwardOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("out of range"), "{e}");
+    let e = routed
+        .forward(
+            &ids,
+            Some(&Tensor::ones([2, 4], (Kind::Int64, Device::Cpu))),
+            Mode::Infer,
+            &ForwardOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("attention mask"), "{e}");
+    let mut cache = KvCache::new(2);
+    let e = routed
+        .forward_cached(
+            &ids,
+            None,
+            &mut cache,
+            Mode::Infer,
+            &ForwardOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("KV cache"), "{e}");
+    let e = RoutedLlama::new(
+        &model,
+        DenseRouter,
+        RoutingConfig {
+            start_layer: 4,
+            ..c
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("start_layer"), "{e}");
+    // Right-padded calibration batches.
+    let b = CalibBatch::from_sequences(&[vec![5, 6, 7], vec![8]]).unwrap();
+    assert_eq!(b.ids.size(), [2, 3]);
+    let m: Vec<i64> = Vec::try_from(b.mask.unwrap().reshape([-1])).unwrap();
+    assert_eq!(m, [1, 1, 1, 1, 0, 0]);
+    assert!(CalibBatch::from_sequences(&[]).is_err());
+}
