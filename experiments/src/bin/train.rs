@@ -114,6 +114,20 @@ fn main() -> Result<()> {
 
     let mut model = lm.model;
     let steps = cfg.steps;
+    // The dense model's validation CE, the reference the routed model's is compared with.
+    let dense_ce = {
+        let _g = tch::no_grad_guard();
+        let (mut sum, mut n) = (0.0, 0usize);
+        for chunk in val.chunks(cfg.batch_size) {
+            let refs: Vec<&qtale_train::data::Example> = chunk.iter().collect();
+            let b = qtale_train::data::collate(&refs, model.device);
+            let out = model.forward(&b.ids, Some(&b.attention_mask))?;
+            sum += qtale_train::data::masked_ce(&out.logits, &b).double_value(&[]) * chunk.len() as f64;
+            n += chunk.len();
+        }
+        sum / n.max(1) as f64
+    };
+    println!("dense model validation CE: {dense_ce:.4}");
     let mut trainer = Trainer::new(cfg, &mut model, &a.out)?;
     if a.resume {
         if trainer.resume()? {
@@ -139,6 +153,7 @@ fn main() -> Result<()> {
         "done: {} steps; validation CE {:.4}, execution ratio {:.4}, router entropy {:.4}, logit gap {:.3}, flip rate {:.4}",
         summary.steps, summary.val_ce, summary.val_ratio, summary.val_diag.entropy, summary.val_diag.logit_gap, summary.val_diag.flip_rate
     );
+    println!("validation CE vs dense: {:+.4} ({:.4} vs {dense_ce:.4})", summary.val_ce - dense_ce, summary.val_ce);
     println!("wrote {} and {}", summary.lora_path.display(), summary.router_path.display());
     Ok(())
 }
