@@ -3,6 +3,8 @@
 //! bf16 runs only on CUDA (this CPU has no fast bf16 path; see shared/notes/platform.md).
 //!
 //! `cargo bench -p qtale-model --bench forward` (needs `scripts/setup.sh` for the model).
+//! `QTALE_BENCH_THREADS=N` sets libtorch's intra-op threads (default: libtorch's choice); on a shared
+//! machine 1 thread avoids the collapse of spin-waiting thread pools under contention.
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -15,6 +17,10 @@ const DECODE_CONTEXT: i64 = 128;
 const DECODE_STEPS: usize = 16;
 
 fn matmul(c: &mut Criterion) {
+    // First group of the run: apply QTALE_BENCH_THREADS before anything is measured.
+    if let Some(n) = std::env::var("QTALE_BENCH_THREADS").ok().and_then(|v| v.parse::<i32>().ok()) {
+        tch::set_num_threads(n);
+    }
     let n = 2048;
     let a = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
     let b = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
