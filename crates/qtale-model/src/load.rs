@@ -100,6 +100,27 @@ pub fn default_gguf_path() -> PathBuf {
         .join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// The default GGUF for tests that need the real asset: `Some(path)` when the set-up has run; `None`
+/// (with a line on stderr) when it is absent and `QTALE_SKIP_ASSET_TESTS=1` asks to skip; otherwise a
+/// panic that says how to get it. One rule for every crate's asset tests.
+pub fn test_asset_gguf() -> Option<PathBuf> {
+    let p = default_gguf_path();
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var("QTALE_SKIP_ASSET_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!(
+            "QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent",
+            p.display()
+        );
+        return None;
+    }
+    panic!(
+        "{} not found: run `bash scripts/setup.sh` (or set QTALE_SKIP_ASSET_TESTS=1)",
+        p.display()
+    );
+}
+
 /// A loaded model with its tokenizer and where it came from.
 pub struct LoadedModel {
     pub model: Llama,

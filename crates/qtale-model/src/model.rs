@@ -278,6 +278,42 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+/// The linears of a block, by their HF names (the names LoRA targets and quantizers walk).
+pub const BLOCK_LINEARS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl DecoderLayer {
+    /// The block linear named `name` (one of [`BLOCK_LINEARS`]), to read or replace it.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Box<dyn Linear>> {
+        Some(match name {
+            "q_proj" => &mut self.self_attn.q_proj,
+            "k_proj" => &mut self.self_attn.k_proj,
+            "v_proj" => &mut self.self_attn.v_proj,
+            "o_proj" => &mut self.self_attn.o_proj,
+            "gate_proj" => &mut self.mlp.gate_proj,
+            "up_proj" => &mut self.mlp.up_proj,
+            "down_proj" => &mut self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+
+    /// HF module path of a block linear: `self_attn` for q/k/v/o, `mlp` for the rest.
+    pub fn module_of(name: &str) -> &'static str {
+        if matches!(name, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
+            "self_attn"
+        } else {
+            "mlp"
+        }
+    }
+}
+
 impl DecoderLayer {
     /// Run the block on the tokens `x: [B, T, d]` at `positions: [B, T]`; `valid: [B, T]` marks real
     /// tokens (false for padding). Their K/V are appended to `cache`, and each query attends over

@@ -60,23 +60,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The GGUF path, or `None` when the caller asked to skip asset tests.
 fn gguf() -> Option<PathBuf> {
-    let p = default_gguf_path();
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("QTALE_SKIP_ASSET_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!(
-            "QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent",
-            p.display()
-        );
-        return None;
-    }
-    panic!(
-        "{} not found: run `bash scripts/setup.sh` (or set QTALE_SKIP_ASSET_TESTS=1)",
-        p.display()
-    );
+    qtale_model::load::test_asset_gguf()
 }
 
 fn fixture() -> Fixture {

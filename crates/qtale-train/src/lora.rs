@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use qtale_model::model::{DenseLinear, Linear};
+use qtale_model::model::{DecoderLayer, DenseLinear, Linear, BLOCK_LINEARS};
 use qtale_model::Llama;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
@@ -15,15 +15,7 @@ use tch::{nn, Kind, Tensor};
 use crate::{config_err, Result, TrainError};
 
 /// The linears LoRA may target, by their HF names inside a decoder block.
-pub const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub const TARGETS: [&str; 7] = BLOCK_LINEARS;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -144,25 +136,9 @@ pub struct Lora {
 }
 
 fn slot<'a>(model: &'a mut Llama, layer: usize, target: &str) -> &'a mut Box<dyn Linear> {
-    let l = &mut model.layers[layer];
-    match target {
-        "q_proj" => &mut l.self_attn.q_proj,
-        "k_proj" => &mut l.self_attn.k_proj,
-        "v_proj" => &mut l.self_attn.v_proj,
-        "o_proj" => &mut l.self_attn.o_proj,
-        "gate_proj" => &mut l.mlp.gate_proj,
-        "up_proj" => &mut l.mlp.up_proj,
-        "down_proj" => &mut l.mlp.down_proj,
-        other => unreachable!("validated target {other}"),
-    }
-}
-
-fn module_of(target: &str) -> &'static str {
-    if ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&target) {
-        "self_attn"
-    } else {
-        "mlp"
-    }
+    model.layers[layer]
+        .linear_mut(target)
+        .expect("validated target")
 }
 
 fn placeholder() -> Box<dyn Linear> {
@@ -188,7 +164,7 @@ impl Lora {
                     .sub("model")
                     .sub("layers")
                     .sub(i)
-                    .sub(module_of(t))
+                    .sub(DecoderLayer::module_of(t))
                     .sub(t);
                 let s = slot(model, i, t);
                 let base = std::mem::replace(s, placeholder());
