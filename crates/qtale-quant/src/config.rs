@@ -84,7 +84,7 @@ impl QuantConfig {
         } else {
             self.group_size
         };
-        if g == 0 || in_features % g != 0 {
+        if g == 0 || !in_features.is_multiple_of(g) {
             return Err(QuantError::Shape(format!(
                 "group size {g} does not divide in_features = {in_features}"
             )));

@@ -179,7 +179,7 @@ impl GptqPacked {
 
     /// The int4 CPU kernel's format, when this is 4-bit with in-order groups that are multiples of 32.
     pub fn to_int4(&self) -> Option<Int4Matrix> {
-        if self.bits != 4 || !self.has_trivial_g_idx() || self.group_size % 32 != 0 {
+        if self.bits != 4 || !self.has_trivial_g_idx() || !self.group_size.is_multiple_of(32) {
             return None;
         }
         let (out, ng) = (self.out_features, self.n_groups());
@@ -466,7 +466,7 @@ impl Checkpoint {
         let b = qc.bits as usize;
         let g = qc.group_for(in_features);
         let ng = in_features.div_ceil(g);
-        if (in_features * b) % 32 != 0 || (out_features * b) % 32 != 0 {
+        if !(in_features * b).is_multiple_of(32) || !(out_features * b).is_multiple_of(32) {
             return Err(QuantError::Shape(format!(
                 "{prefix}: [{out_features}, {in_features}] cannot be packed at {b} bits"
             )));

@@ -15,8 +15,8 @@ pub fn group_params(w: &Tensor, cfg: &QuantConfig, clip: Option<&Tensor>) -> (Te
     let mut xmin = w.amin(-1, true);
     let mut xmax = w.amax(-1, true);
     if let Some(c) = clip {
-        xmin = xmin * c;
-        xmax = xmax * c;
+        xmin *= c;
+        xmax *= c;
     }
     if cfg.sym {
         let a = xmin.abs().maximum(&xmax.abs());

@@ -29,7 +29,7 @@ fn correlated_inputs(n: i64, mix: &Tensor) -> Tensor {
     let noise = Tensor::randn([n, d], (Kind::Float, tch::Device::Cpu)) * 0.1;
     let chan = Tensor::ones([d], (Kind::Float, tch::Device::Cpu));
     let _ = chan.narrow(0, 0, 4).fill_(8.0);
-    (z.matmul(&mix) + noise) * chan
+    (z.matmul(mix) + noise) * chan
 }
 
 fn out_err(w: &Tensor, wq: &Tensor, x: &Tensor) -> f64 {

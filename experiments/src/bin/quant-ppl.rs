@@ -48,6 +48,12 @@ struct Args {
     out: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// AWQ: calibration tokens used for the scale-search loss (whole batches).
+    #[arg(long, default_value_t = 1024)]
+    awq_eval_rows: usize,
+    /// Calibration sequences per forward.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
     /// Per-layer reports.
     #[arg(long)]
     verbose: bool,
@@ -120,6 +126,8 @@ fn main() -> Result<()> {
             let mut opts = QuantizeOptions::new(m, config);
             opts.max_layers = args.layers;
             opts.cache_dense = true;
+            opts.awq_eval_rows = args.awq_eval_rows;
+            opts.batch = args.batch;
             opts.verbose = args.verbose;
             let s = quantize_model(&mut model, &calib, &opts)?;
             let t = Instant::now();
