@@ -16,11 +16,12 @@ pub struct ParamGroup {
     pub weight_decay: f64,
 }
 
+/// Named parameters.
+pub type Named = Vec<(String, Tensor)>;
+
 /// Split named parameters into "matrices" (decayed) and the rest (biases, norm weights: not decayed),
 /// D-LLM's rule ("weight decay on matrices only").
-pub fn split_decay(
-    params: Vec<(String, Tensor)>,
-) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+pub fn split_decay(params: Named) -> (Named, Named) {
     params.into_iter().partition(|(_, t)| t.dim() >= 2)
 }
 

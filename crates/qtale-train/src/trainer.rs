@@ -225,7 +225,7 @@ pub fn loss_parts(
     for lg in out.router_logits.iter().flatten() {
         let p = lg.log_softmax(-1, Kind::Float);
         let h = -(p.exp() * &p).sum_dim_intlist(-1, false, Kind::Float);
-        ent_sum = ent_sum + (h * &m).sum(Kind::Float);
+        ent_sum += (h * &m).sum(Kind::Float);
         count += 1.0;
     }
     let entropy = if count > 0.0 {
@@ -243,7 +243,7 @@ pub fn loss_parts(
     });
     let mut total = &ce + &ratio * lambda_ratio + &entropy * cfg.lambda_entropy;
     if let Some(k) = &kd {
-        total = total + k * cfg.kd_weight;
+        total += k * cfg.kd_weight;
     }
     LossParts {
         total,
@@ -640,8 +640,8 @@ impl<'a> Trainer<'a> {
             self.opt.step(f);
             self.step += 1;
             let done = self.step;
-            let val_due = done % self.cfg.eval_every == 0 || done == self.cfg.steps;
-            if done % self.cfg.log_every == 0 || val_due {
+            let val_due = done.is_multiple_of(self.cfg.eval_every) || done == self.cfg.steps;
+            if done.is_multiple_of(self.cfg.log_every) || val_due {
                 let (val_loss, val_ratio) = if val_due && !val.is_empty() {
                     let (c, r, _) = self.validate(val)?;
                     (Some(c), Some(r))
@@ -680,7 +680,7 @@ impl<'a> Trainer<'a> {
                 tokens = 0;
             }
             let stop = self.stop_at == Some(done);
-            if done % self.cfg.checkpoint_every == 0 || done == self.cfg.steps || stop {
+            if done.is_multiple_of(self.cfg.checkpoint_every) || done == self.cfg.steps || stop {
                 self.save_checkpoint()?;
             }
             if stop {
