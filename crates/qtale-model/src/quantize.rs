@@ -857,23 +857,10 @@ pub fn perplexity(model: &Llama, windows: &[Vec<i64>]) -> QResult<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::{default_gguf_path, load_model, LoadedModel, ModelSource};
+    use crate::load::{load_model, LoadedModel, ModelSource};
 
     fn smollm2() -> Option<LoadedModel> {
-        let p = default_gguf_path();
-        if !p.is_file() {
-            if std::env::var("QTALE_SKIP_ASSET_TESTS").is_ok_and(|v| v == "1") {
-                eprintln!(
-                    "QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent",
-                    p.display()
-                );
-                return None;
-            }
-            panic!(
-                "{} not found: run `bash scripts/setup.sh` (or set QTALE_SKIP_ASSET_TESTS=1)",
-                p.display()
-            );
-        }
+        let p = crate::load::test_asset_gguf()?;
         Some(load_model(&ModelSource::Gguf(p), Device::Cpu, Kind::Float).unwrap())
     }
 

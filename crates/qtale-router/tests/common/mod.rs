@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use qtale_model::config::{HfConfig, LlamaConfig, RopeScaling};
-use qtale_model::load::{default_gguf_path, load_hf_weights};
+use qtale_model::load::load_hf_weights;
 use qtale_model::model::{Attention, DecoderLayer, DenseLinear, Linear, Llama, Mlp, RmsNorm, Rope};
 use qtale_router::{DllmRouter, RoutingConfig};
 use rand::{Rng, SeedableRng};
@@ -153,19 +153,5 @@ pub fn max_diff_valid(a: &Tensor, b: &Tensor, valid: &Tensor) -> f64 {
 
 /// The SmolLM2 GGUF, or `None` when the caller asked to skip asset tests.
 pub fn gguf() -> Option<PathBuf> {
-    let p = default_gguf_path();
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("QTALE_SKIP_ASSET_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!(
-            "QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent",
-            p.display()
-        );
-        return None;
-    }
-    panic!(
-        "{} not found: run `bash scripts/setup.sh` (or set QTALE_SKIP_ASSET_TESTS=1)",
-        p.display()
-    );
+    qtale_model::load::test_asset_gguf()
 }
