@@ -18,7 +18,10 @@ const DECODE_STEPS: usize = 16;
 
 fn matmul(c: &mut Criterion) {
     // First group of the run: apply QTALE_BENCH_THREADS before anything is measured.
-    if let Some(n) = std::env::var("QTALE_BENCH_THREADS").ok().and_then(|v| v.parse::<i32>().ok()) {
+    if let Some(n) = std::env::var("QTALE_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
         tch::set_num_threads(n);
     }
     let n = 2048;

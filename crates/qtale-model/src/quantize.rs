@@ -88,25 +88,14 @@ pub const LINEARS: [&str; 7] = [
 
 /// HF name prefix of a block linear: `model.layers.{i}.self_attn.q_proj` / `model.layers.{i}.mlp.up_proj`.
 pub fn hf_prefix(layer: usize, name: &str) -> String {
-    let part = if name.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(&name) {
-        "mlp"
-    } else {
-        "self_attn"
-    };
+    let part = DecoderLayer::module_of(name);
     format!("model.layers.{layer}.{part}.{name}")
 }
 
 fn slot<'a>(layer: &'a mut DecoderLayer, name: &str) -> &'a mut Box<dyn Linear> {
-    match name {
-        "q_proj" => &mut layer.self_attn.q_proj,
-        "k_proj" => &mut layer.self_attn.k_proj,
-        "v_proj" => &mut layer.self_attn.v_proj,
-        "o_proj" => &mut layer.self_attn.o_proj,
-        "gate_proj" => &mut layer.mlp.gate_proj,
-        "up_proj" => &mut layer.mlp.up_proj,
-        "down_proj" => &mut layer.mlp.down_proj,
-        _ => unreachable!("not a block linear: {name}"),
-    }
+    layer
+        .linear_mut(name)
+        .unwrap_or_else(|| unreachable!("not a block linear: {name}"))
 }
 
 fn dense(w: Tensor) -> Box<dyn Linear> {
