@@ -76,15 +76,7 @@ impl FromStr for Method {
 }
 
 /// The seven block linears, in HF order.
-pub const LINEARS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub const LINEARS: [&str; 7] = crate::model::BLOCK_LINEARS;
 
 /// HF name prefix of a block linear: `model.layers.{i}.self_attn.q_proj` / `model.layers.{i}.mlp.up_proj`.
 pub fn hf_prefix(layer: usize, name: &str) -> String {
