@@ -63,9 +63,10 @@ impl Row {
         let v = self.get(field)?;
         match v {
             Value::Number(n) if n.is_i64() => Ok(n.as_i64().unwrap_or_default()),
-            Value::String(s) => s.trim().parse::<i64>().map_err(|_| {
-                self.err(field, format!("expected an integer, got the string {s:?}"))
-            }),
+            Value::String(s) => s
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| self.err(field, format!("expected an integer, got the string {s:?}"))),
             _ => Err(self.err(field, format!("expected an integer, got {}", kind_of(v)))),
         }
     }
@@ -171,9 +172,8 @@ pub fn read_arrow_stream(path: &Path) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let p = Arc::new(path.to_path_buf());
     for batch in reader {
-        let batch = batch.map_err(|e| {
-            format_err(path, format!("Arrow batch after row {}: {e}", rows.len()))
-        })?;
+        let batch = batch
+            .map_err(|e| format_err(path, format!("Arrow batch after row {}: {e}", rows.len())))?;
         batch_rows(&p, &batch, &mut rows)?;
     }
     Ok(rows)
@@ -240,9 +240,8 @@ fn batch_rows(path: &Arc<PathBuf>, batch: &RecordBatch, out: &mut Vec<Row>) -> R
     for i in 0..batch.num_rows() {
         let mut m = Map::new();
         for (f, col) in schema.fields().iter().zip(batch.columns()) {
-            let v = arrow_value(col.as_ref(), i).map_err(|msg| {
-                EvalError::field(path.as_ref().clone(), base + i, f.name(), msg)
-            })?;
+            let v = arrow_value(col.as_ref(), i)
+                .map_err(|msg| EvalError::field(path.as_ref().clone(), base + i, f.name(), msg))?;
             m.insert(f.name().clone(), v);
         }
         out.push(Row {

@@ -33,13 +33,15 @@ pub struct DocScore {
 }
 
 impl DocScore {
-    pub fn new(doc_id: usize, gold: usize, lls: Vec<f64>, is_greedy: Vec<bool>, lens: Vec<usize>) -> Self {
+    pub fn new(
+        doc_id: usize,
+        gold: usize,
+        lls: Vec<f64>,
+        is_greedy: Vec<bool>,
+        lens: Vec<usize>,
+    ) -> Self {
         let pred = argmax(&lls);
-        let normed: Vec<f64> = lls
-            .iter()
-            .zip(&lens)
-            .map(|(l, &n)| l / n as f64)
-            .collect();
+        let normed: Vec<f64> = lls.iter().zip(&lens).map(|(l, &n)| l / n as f64).collect();
         let pred_norm = argmax(&normed);
         DocScore {
             doc_id,

@@ -62,7 +62,11 @@ pub struct PplResult {
 }
 
 /// `ppl = exp(mean over windows of the mean shifted next-token loss)`.
-pub fn perplexity<D: Decoder + ?Sized>(model: &D, ids: &[i64], cfg: &WindowConfig) -> Result<PplResult> {
+pub fn perplexity<D: Decoder + ?Sized>(
+    model: &D,
+    ids: &[i64],
+    cfg: &WindowConfig,
+) -> Result<PplResult> {
     let _g = tch::no_grad_guard();
     let ws = windows(ids, cfg);
     if ws.is_empty() || cfg.window < 2 {
@@ -98,8 +102,12 @@ pub fn perplexity<D: Decoder + ?Sized>(model: &D, ids: &[i64], cfg: &WindowConfi
 
 /// Per-position `KL(P_ref || P)` of two logit tensors `[N, V]` (f32), returned as `[N]` f64.
 pub fn kl_from_logits(reference: &Tensor, candidate: &Tensor) -> Tensor {
-    let lp_ref = reference.to_kind(Kind::Double).log_softmax(-1, Kind::Double);
-    let lp = candidate.to_kind(Kind::Double).log_softmax(-1, Kind::Double);
+    let lp_ref = reference
+        .to_kind(Kind::Double)
+        .log_softmax(-1, Kind::Double);
+    let lp = candidate
+        .to_kind(Kind::Double)
+        .log_softmax(-1, Kind::Double);
     (lp_ref.exp() * (&lp_ref - lp)).sum_dim_intlist(-1, false, Kind::Double)
 }
 

@@ -322,7 +322,9 @@ impl<D: Decoder + ?Sized> LmScorer<'_, D> {
         for (r, it) in items.iter().enumerate() {
             let off = r * tc + tc - it.context.len();
             ids[off..off + it.context.len()].copy_from_slice(&it.context);
-            mask[off..off + it.context.len()].iter_mut().for_each(|m| *m = 1);
+            mask[off..off + it.context.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1);
         }
         let ids_t = Tensor::from_slice(&ids).view([p as i64, tc as i64]);
         let mask_t = Tensor::from_slice(&mask).view([p as i64, tc as i64]);

@@ -382,7 +382,10 @@ pub fn py_capitalize(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {
         None => String::new(),
-        Some(f) => f.to_uppercase().chain(c.as_str().to_lowercase().chars()).collect(),
+        Some(f) => f
+            .to_uppercase()
+            .chain(c.as_str().to_lowercase().chars())
+            .collect(),
     }
 }
 
@@ -427,7 +430,10 @@ fn label_index(row: &Row, labels_field: &str, key_field: &str) -> Result<usize> 
 
 fn check_gold(row: &Row, field: &str, gold: i64, n: usize) -> Result<usize> {
     if gold < 0 || gold as usize >= n {
-        return Err(row.err(field, format!("gold index {gold} out of range for {n} choices")));
+        return Err(row.err(
+            field,
+            format!("gold index {gold} out of range for {n} choices"),
+        ));
     }
     Ok(gold as usize)
 }
@@ -492,10 +498,7 @@ pub fn build_doc(task: TaskId, doc_id: usize, row: &Row) -> Result<McDoc> {
             } else {
                 row.str("passage")?.to_string()
             };
-            let ctx = format!(
-                "{passage}\nQuestion: {}?\nAnswer:",
-                row.str("question")?
-            );
+            let ctx = format!("{passage}\nQuestion: {}?\nAnswer:", row.str("question")?);
             let choices = vec!["no".to_string(), "yes".to_string()];
             let gold = check_gold(row, "label", label, 2)?;
             Ok(McDoc::shared(doc_id, ctx, choices, gold))
@@ -596,7 +599,10 @@ pub fn build_doc(task: TaskId, doc_id: usize, row: &Row) -> Result<McDoc> {
         TaskId::CommonsenseQa => {
             let t = row.str_list("choices.text")?;
             if t.len() != 5 {
-                return Err(row.err("choices.text", format!("expected 5 choices, got {}", t.len())));
+                return Err(row.err(
+                    "choices.text",
+                    format!("expected 5 choices, got {}", t.len()),
+                ));
             }
             let ctx = format!(
                 "Question: {}\nA. {}\nB. {}\nC. {}\nD. {}\nE. {}\nAnswer:",

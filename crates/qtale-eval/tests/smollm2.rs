@@ -27,7 +27,10 @@ fn data_root() -> Option<PathBuf> {
         return Some(root);
     }
     if skip() {
-        eprintln!("QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent", root.display());
+        eprintln!(
+            "QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent",
+            root.display()
+        );
         return None;
     }
     panic!(
@@ -37,17 +40,7 @@ fn data_root() -> Option<PathBuf> {
 }
 
 fn model() -> Option<LoadedModel> {
-    let p = default_gguf_path();
-    if !p.is_file() {
-        if skip() {
-            eprintln!("QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent", p.display());
-            return None;
-        }
-        panic!(
-            "{} not found: run `bash scripts/setup.sh` (or set QTALE_SKIP_ASSET_TESTS=1)",
-            p.display()
-        );
-    }
+    let p = qtale_model::load::test_asset_gguf()?;
     tch::set_num_threads(1);
     Some(load_model(&ModelSource::Gguf(p), Device::Cpu, Kind::Float).unwrap())
 }
@@ -162,7 +155,11 @@ fn matches_lm_evaluation_harness_on_20_docs_of_each_task() {
                     d.lls[i],
                     r.ll
                 );
-                assert_eq!(d.is_greedy[i], r.is_greedy, "{name} doc {} choice {i}", d.doc_id);
+                assert_eq!(
+                    d.is_greedy[i], r.is_greedy,
+                    "{name} doc {} choice {i}",
+                    d.doc_id
+                );
             }
             assert_eq!(Some(d.acc), f.acc, "{name} doc {} acc", d.doc_id);
             if let Some(an) = f.acc_norm {
@@ -188,7 +185,12 @@ fn scores_do_not_depend_on_batch_size_or_context_sharing() {
     let Some(_) = data_root() else { return };
     let Some(lm) = model() else { return };
     let lm = &lm;
-    for task in [TaskId::Hellaswag, TaskId::Winogrande, TaskId::Boolq, TaskId::ArcEasy] {
+    for task in [
+        TaskId::Hellaswag,
+        TaskId::Winogrande,
+        TaskId::Boolq,
+        TaskId::ArcEasy,
+    ] {
         let b1 = scores(lm, task, 6, 1, true);
         let b16 = scores(lm, task, 6, 16, true);
         let unshared = scores(lm, task, 6, 16, false);
@@ -276,9 +278,28 @@ fn perplexity_windows_and_kl_against_itself() {
     )
     .unwrap();
     let nll = lm.model.sequence_nll(&ids[..64]).unwrap();
-    assert!((one.mean_nll - nll).abs() < 1e-4, "{} vs {nll}", one.mean_nll);
+    assert!(
+        (one.mean_nll - nll).abs() < 1e-4,
+        "{} vs {nll}",
+        one.mean_nll
+    );
     let kl = kl_divergence(&lm.model, &lm.model, &ids, &cfg).unwrap();
     assert!(kl.mean_kl.abs() < 1e-6, "{kl:?}");
     assert_eq!(kl.top1_agreement, 1.0);
     assert_eq!(kl.positions, 2 * 63);
+}
+
+/// Writes the converted SmolLM2 HF directory that `scripts/lm_eval_parity.py` loads (the same
+/// converter as `cargo run --release --bin convert-gguf`):
+/// `QTALE_HF_OUT=/tmp/smollm2-hf cargo test -p qtale-eval --test smollm2 -- --ignored export`.
+#[test]
+#[ignore]
+fn export_converted_hf_dir() {
+    let out = std::env::var("QTALE_HF_OUT").expect("set QTALE_HF_OUT=<dir>");
+    qtale_model::convert::gguf_to_hf_dir(
+        &default_gguf_path(),
+        std::path::Path::new(&out),
+        qtale_model::convert::SaveDtype::F32,
+    )
+    .unwrap();
 }

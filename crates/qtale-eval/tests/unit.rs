@@ -91,8 +91,14 @@ fn boolq_choices_are_no_then_yes() {
     assert_eq!(
         pairs(&d),
         [
-            ("Water is a liquid.\nQuestion: is water wet?\nAnswer:", " no"),
-            ("Water is a liquid.\nQuestion: is water wet?\nAnswer:", " yes")
+            (
+                "Water is a liquid.\nQuestion: is water wet?\nAnswer:",
+                " no"
+            ),
+            (
+                "Water is a liquid.\nQuestion: is water wet?\nAnswer:",
+                " yes"
+            )
         ]
     );
     assert_eq!(d.gold, 1);
@@ -225,7 +231,10 @@ fn winogrande_partial_scoring() {
     )
     .unwrap_err()
     .to_string();
-    assert!(bad.contains("mem.jsonl") && bad.contains("row 7") && bad.contains("sentence"), "{bad}");
+    assert!(
+        bad.contains("mem.jsonl") && bad.contains("row 7") && bad.contains("sentence"),
+        "{bad}"
+    );
 }
 
 #[test]
@@ -237,7 +246,10 @@ fn copa_csqa_sciq_prompts() {
     assert_eq!(
         pairs(&c),
         [
-            ("The man turned on the faucet therefore", "  the toilet filled."),
+            (
+                "The man turned on the faucet therefore",
+                "  the toilet filled."
+            ),
             ("The man turned on the faucet therefore", "  water flowed.")
         ]
     );
@@ -255,7 +267,10 @@ fn copa_csqa_sciq_prompts() {
         TaskId::Sciq,
         json!({"question": "Q?", "distractor1": "x", "distractor2": "y", "distractor3": "z", "correct_answer": "w", "support": "  S."}),
     );
-    assert_eq!(s.requests[3], ("S.\nQuestion: Q?\nAnswer:".to_string(), " w".to_string()));
+    assert_eq!(
+        s.requests[3],
+        ("S.\nQuestion: Q?\nAnswer:".to_string(), " w".to_string())
+    );
     assert_eq!(s.gold, 3);
 }
 
@@ -267,7 +282,13 @@ fn acc_norm_counts_characters_not_bytes() {
     );
     assert_eq!(d.choice_lens(), vec![3, 4]);
     // -3.3/3 = -1.1 < -4/4 = -1.0, so acc_norm picks choice 1; by bytes (6) it would pick choice 0.
-    let s = DocScore::new(0, d.gold, vec![-3.3, -4.0], vec![false, false], d.choice_lens());
+    let s = DocScore::new(
+        0,
+        d.gold,
+        vec![-3.3, -4.0],
+        vec![false, false],
+        d.choice_lens(),
+    );
     assert_eq!((s.pred, s.pred_norm), (0, 1));
     assert_eq!((s.acc, s.acc_norm), (0.0, 1.0));
 }
@@ -412,7 +433,10 @@ fn malformed_rows_name_file_row_and_field() {
     let e = load_task(TaskId::Piqa, dir.path(), Some(&path), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("bad.jsonl") && e.contains("row 1") && e.contains("`sol2`"), "{e}");
+    assert!(
+        e.contains("bad.jsonl") && e.contains("row 1") && e.contains("`sol2`"),
+        "{e}"
+    );
     std::fs::write(&path, "{\"goal\": 1}\nnot json\n").unwrap();
     let e = read_rows(&path).unwrap_err().to_string();
     assert!(e.contains("row 1") && e.contains("invalid JSON"), "{e}");
@@ -425,7 +449,10 @@ fn malformed_rows_name_file_row_and_field() {
     let e = load_task(TaskId::Piqa, dir.path(), Some(&path), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("row 0") && e.contains("`label`") && e.contains("integer"), "{e}");
+    assert!(
+        e.contains("row 0") && e.contains("`label`") && e.contains("integer"),
+        "{e}"
+    );
     // Not an Arrow stream at all.
     let path = dir.path().join("junk.arrow");
     std::fs::write(&path, b"junk").unwrap();
@@ -434,8 +461,13 @@ fn malformed_rows_name_file_row_and_field() {
         Err(EvalError::Format { .. })
     ));
     // Missing file.
-    let e = load_task(TaskId::Piqa, dir.path(), Some(&dir.path().join("none.arrow")), None)
-        .unwrap_err()
-        .to_string();
+    let e = load_task(
+        TaskId::Piqa,
+        dir.path(),
+        Some(&dir.path().join("none.arrow")),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("none.arrow"), "{e}");
 }

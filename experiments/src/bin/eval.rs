@@ -127,7 +127,12 @@ fn main() -> Result<()> {
     let weight_bytes = lm.model.weight_bytes();
     let mut results = Vec::new();
     for &task in &tasks {
-        let data = load_task(task, &root, files.get(&task).map(|p| p.as_path()), args.limit)?;
+        let data = load_task(
+            task,
+            &root,
+            files.get(&task).map(|p| p.as_path()),
+            args.limit,
+        )?;
         let n_req: usize = data.docs.iter().map(|d| d.requests.len()).sum();
         let pb = ProgressBar::new(n_req as u64);
         pb.set_style(
@@ -168,7 +173,8 @@ fn main() -> Result<()> {
             .to_string(),
     ];
     if let Some(p) = &args.ppl_text {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         let ids = qtale_eval::encode::encode(&lm.tokenizer, &text)?;
         let wc = WindowConfig {
             window: args.ppl_window,
@@ -183,7 +189,11 @@ fn main() -> Result<()> {
             r.n_windows,
             r.window
         );
-        notes.push(format!("perplexity {}: {}", p.display(), serde_json::to_string(&r)?));
+        notes.push(format!(
+            "perplexity {}: {}",
+            p.display(),
+            serde_json::to_string(&r)?
+        ));
     }
 
     let run = RunConfig {

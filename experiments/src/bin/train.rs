@@ -63,16 +63,19 @@ fn main() -> Result<()> {
     let a = Args::parse();
     let mut cfg = TrainConfig::preset(&a.preset)?;
     if let Some(p) = &a.config {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         let mut v = serde_json::to_value(&cfg)?;
-        let over: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        let over: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
         let (Some(base), Some(over)) = (v.as_object_mut(), over.as_object()) else {
             bail!("{}: expected a JSON object", p.display())
         };
         for (k, val) in over {
             base.insert(k.clone(), val.clone());
         }
-        cfg = serde_json::from_value(v).with_context(|| format!("{}: invalid config", p.display()))?;
+        cfg = serde_json::from_value(v)
+            .with_context(|| format!("{}: invalid config", p.display()))?;
     }
     if let Some(x) = a.steps {
         cfg.steps = x;
@@ -104,13 +107,23 @@ fn main() -> Result<()> {
         None => {
             let mut texts = qtale_model::corpus::coqa_stories()?;
             texts.extend(qtale_model::corpus::squad_passages()?);
-            let mut ex = pack_texts(&lm.tokenizer, texts.iter().map(String::as_str), cfg.seq_len, eos);
+            let mut ex = pack_texts(
+                &lm.tokenizer,
+                texts.iter().map(String::as_str),
+                cfg.seq_len,
+                eos,
+            );
             ex.truncate(a.max_sequences);
             ex
         }
     };
     let (train, val) = shuffle_split(examples, a.holdout, cfg.seed);
-    println!("data: {} training and {} validation sequences of {} tokens", train.len(), val.len(), cfg.seq_len);
+    println!(
+        "data: {} training and {} validation sequences of {} tokens",
+        train.len(),
+        val.len(),
+        cfg.seq_len
+    );
 
     let mut model = lm.model;
     let steps = cfg.steps;
@@ -122,7 +135,8 @@ fn main() -> Result<()> {
             let refs: Vec<&qtale_train::data::Example> = chunk.iter().collect();
             let b = qtale_train::data::collate(&refs, model.device);
             let out = model.forward(&b.ids, Some(&b.attention_mask))?;
-            sum += qtale_train::data::masked_ce(&out.logits, &b).double_value(&[]) * chunk.len() as f64;
+            sum += qtale_train::data::masked_ce(&out.logits, &b).double_value(&[])
+                * chunk.len() as f64;
             n += chunk.len();
         }
         sum / n.max(1) as f64
@@ -136,16 +150,27 @@ fn main() -> Result<()> {
             println!("no checkpoint in {}, starting fresh", a.out.display());
         }
     } else if a.out.join("checkpoint.safetensors").exists() {
-        bail!("{} already holds a checkpoint: pass --resume to continue it or choose another --out", a.out.display());
+        bail!(
+            "{} already holds a checkpoint: pass --resume to continue it or choose another --out",
+            a.out.display()
+        );
     }
     let bar = ProgressBar::new(steps as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps, {elapsed} < {eta} {msg}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} steps, {elapsed} < {eta} {msg}",
+    )?);
     bar.set_position(trainer.step() as u64);
     let summary = trainer.train(&train, &val, |log| {
         bar.set_position(log.step as u64);
         bar.set_message(format!(
             "loss {:.3} ce {:.3} ratio {:.3} H {:.3} gap {:.2} flip {:.3} {:.0} tok/s",
-            log.loss, log.ce, log.diag.ratio, log.diag.entropy, log.diag.logit_gap, log.diag.flip_rate, log.tokens_per_s
+            log.loss,
+            log.ce,
+            log.diag.ratio,
+            log.diag.entropy,
+            log.diag.logit_gap,
+            log.diag.flip_rate,
+            log.tokens_per_s
         ));
     })?;
     bar.finish();
@@ -153,7 +178,15 @@ fn main() -> Result<()> {
         "done: {} steps; validation CE {:.4}, execution ratio {:.4}, router entropy {:.4}, logit gap {:.3}, flip rate {:.4}",
         summary.steps, summary.val_ce, summary.val_ratio, summary.val_diag.entropy, summary.val_diag.logit_gap, summary.val_diag.flip_rate
     );
-    println!("validation CE vs dense: {:+.4} ({:.4} vs {dense_ce:.4})", summary.val_ce - dense_ce, summary.val_ce);
-    println!("wrote {} and {}", summary.lora_path.display(), summary.router_path.display());
+    println!(
+        "validation CE vs dense: {:+.4} ({:.4} vs {dense_ce:.4})",
+        summary.val_ce - dense_ce,
+        summary.val_ce
+    );
+    println!(
+        "wrote {} and {}",
+        summary.lora_path.display(),
+        summary.router_path.display()
+    );
     Ok(())
 }
