@@ -100,30 +100,7 @@ impl Decoder for Llama {
         self.config.max_position_embeddings
     }
     fn forward_hidden(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        // Same position rule as `Llama::forward_cached`, without the LM head over every position.
-        let ids = ids.to_device(self.device);
-        let valid = mask.to_device(self.device).ne(0);
-        let (b, t) = (ids.size()[0], ids.size()[1]);
-        if cache.layers.len() != self.layers.len() {
-            return Err(EvalError::Input(format!(
-                "KV cache has {} layers, model has {}",
-                cache.layers.len(),
-                self.layers.len()
-            )));
-        }
-        let start = match &cache.next_pos {
-            Some(p) => p.shallow_clone(),
-            None => Tensor::zeros([b], (Kind::Int64, self.device)),
-        };
-        let counts = valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64);
-        let positions = (&counts - 1).clamp_min(0) + start.unsqueeze(1);
-        cache.next_pos = Some(&start + counts.select(1, t - 1));
-        let cos_sin = self.rope.cos_sin(&positions, self.kind);
-        let mut x = self.embed(&ids);
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &positions, &valid, &cos_sin, lc);
-        }
-        Ok(self.norm.forward(&x))
+        Ok(self.forward_hidden_cached(ids, Some(mask), cache)?)
     }
     fn head(&self, hidden: &Tensor) -> Tensor {
         self.lm_logits(hidden)

@@ -437,6 +437,19 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<ForwardOutput> {
+        let hidden = self.forward_hidden_cached(ids, attention_mask, cache)?;
+        let logits = self.lm_logits(&hidden);
+        Ok(ForwardOutput { hidden, logits })
+    }
+
+    /// [`Llama::forward_cached`] without the LM head: the final normed hidden states `[B, T, d]`
+    /// (scorers apply the head only where they need logits).
+    pub fn forward_hidden_cached(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         self.check_ids(ids)?;
         let ids = ids.to_device(self.device);
         let (b, t) = (ids.size()[0], ids.size()[1]);
@@ -479,9 +492,7 @@ impl Llama {
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &positions, &valid, &cos_sin, lc);
         }
-        let hidden = self.norm.forward(&x);
-        let logits = self.lm_logits(&hidden);
-        Ok(ForwardOutput { hidden, logits })
+        Ok(self.norm.forward(&x))
     }
 
     /// Mean next-token negative log-likelihood of one sequence (no padding), in nats.
