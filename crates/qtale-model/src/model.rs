@@ -347,6 +347,19 @@ impl DecoderLayer {
     }
 }
 
+/// One step's resolved inputs (see [`Llama::prepare_step`]).
+#[derive(Debug)]
+pub struct Step {
+    /// `[B, T]` i64 on the model's device.
+    pub ids: Tensor,
+    /// `[B, T]` bool: real tokens.
+    pub valid: Tensor,
+    /// `[B, T]` i64: true positions.
+    pub positions: Tensor,
+    /// RoPE `(cos, sin)` for `positions`.
+    pub cos_sin: (Tensor, Tensor),
+}
+
 /// Output of a forward pass: every position, because scoring needs all of them.
 #[derive(Debug)]
 pub struct ForwardOutput {
@@ -450,7 +463,27 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let step = self.prepare_step(ids, attention_mask, cache)?;
+        let mut x = self.embed(&step.ids);
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &step.positions, &step.valid, &step.cos_sin, lc);
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    /// Resolve one step's inputs: validate ids and mask against the model and the cache, move them to
+    /// the device, assign true positions (real tokens only, continuing from each row's `next_pos`), advance
+    /// `cache.next_pos`, and compute the RoPE tables. Shared by every forward (dense, routed, scorers).
+    pub fn prepare_step(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Step> {
         self.check_ids(ids)?;
+        if ids.numel() == 0 {
+            return Err(ModelError::Input("empty input ids".into()));
+        }
         let ids = ids.to_device(self.device);
         let (b, t) = (ids.size()[0], ids.size()[1]);
         let valid = match attention_mask {
@@ -488,11 +521,12 @@ impl Llama {
         cache.next_pos = Some(&start + counts.select(1, t - 1));
 
         let cos_sin = self.rope.cos_sin(&positions, self.kind);
-        let mut x = self.embed(&ids);
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &positions, &valid, &cos_sin, lc);
-        }
-        Ok(self.norm.forward(&x))
+        Ok(Step {
+            ids,
+            valid,
+            positions,
+            cos_sin,
+        })
     }
 
     /// Mean next-token negative log-likelihood of one sequence (no padding), in nats.

@@ -72,78 +72,17 @@ impl CalibBatch {
     }
 }
 
-/// Inputs resolved for one forward: ids on the device, validity, true positions and RoPE tables.
-pub(crate) struct Prepared {
-    pub ids: Tensor,
-    pub valid: Tensor,
-    pub positions: Tensor,
-    pub cos_sin: (Tensor, Tensor),
-}
+/// Inputs resolved for one forward (ids on the device, validity, true positions, RoPE tables): the
+/// decoder's own rule, [`Llama::prepare_step`], so routed and dense forwards cannot drift apart.
+pub(crate) type Prepared = qtale_model::model::Step;
 
-/// Validate ids and mask, assign positions (continuing from the cache), and advance `cache.next_pos`,
-/// exactly as [`Llama::forward_cached`] does.
 pub(crate) fn prepare(
     model: &Llama,
     ids: &Tensor,
     attention_mask: Option<&Tensor>,
     cache: &mut KvCache,
 ) -> Result<Prepared> {
-    if ids.dim() != 2 {
-        return Err(RouterError::Input(format!(
-            "input ids must be [batch, seq], got {:?}",
-            ids.size()
-        )));
-    }
-    if ids.numel() == 0 {
-        return Err(RouterError::Input("empty input ids".into()));
-    }
-    let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
-    if lo < 0 || hi >= model.config.vocab_size as i64 {
-        return Err(RouterError::Input(format!(
-            "token id out of range [0, {}): min {lo}, max {hi}",
-            model.config.vocab_size
-        )));
-    }
-    let ids = ids.to_device(model.device);
-    let (b, t) = (ids.size()[0], ids.size()[1]);
-    let valid = match attention_mask {
-        Some(m) if m.size() != [b, t] => {
-            return Err(RouterError::Input(format!(
-                "attention mask shape {:?} does not match input ids {:?}",
-                m.size(),
-                [b, t]
-            )))
-        }
-        Some(m) => m.to_device(model.device).ne(0),
-        None => Tensor::ones([b, t], (Kind::Bool, model.device)),
-    };
-    if cache.layers.len() != model.layers.len() {
-        return Err(RouterError::Input(format!(
-            "KV cache has {} layers, model has {}",
-            cache.layers.len(),
-            model.layers.len()
-        )));
-    }
-    let start = match &cache.next_pos {
-        Some(p) if p.size()[0] != b => {
-            return Err(RouterError::Input(format!(
-                "KV cache batch {} != input batch {b}",
-                p.size()[0]
-            )))
-        }
-        Some(p) => p.shallow_clone(),
-        None => Tensor::zeros([b], (Kind::Int64, model.device)),
-    };
-    let counts = valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64);
-    let positions = (&counts - 1).clamp_min(0) + start.unsqueeze(1);
-    cache.next_pos = Some(&start + counts.select(1, t - 1));
-    let cos_sin = model.rope.cos_sin(&positions, model.kind);
-    Ok(Prepared {
-        ids,
-        valid,
-        positions,
-        cos_sin,
-    })
+    Ok(model.prepare_step(ids, attention_mask, cache)?)
 }
 
 /// Output of a routed forward.
