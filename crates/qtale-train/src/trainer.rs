@@ -367,6 +367,18 @@ fn routed<'b>(
     }
 }
 
+/// A training-mode routed forward of one batch (Gumbel decisions, every token computes every layer).
+fn train_forward(routed: &RoutedLlama<&Llama, &DllmRouter>, b: &Batch) -> Result<RoutedOutput> {
+    routed
+        .forward(
+            &b.ids,
+            Some(&b.attention_mask),
+            Mode::Train,
+            &ForwardOptions::default(),
+        )
+        .map_err(|e| config_err("routing", e.to_string()))
+}
+
 fn seed_for(seed: u64, step: usize) -> i64 {
     // SplitMix64 of (seed, step): a fresh, reproducible torch seed per step (dropout, Gumbel noise).
     let mut z = seed.wrapping_add(
@@ -517,14 +529,7 @@ impl<'a> Trainer<'a> {
         for chunk in val.chunks(self.cfg.batch_size) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let b = collate(&refs, self.model.device);
-            let out = routed
-                .forward(
-                    &b.ids,
-                    Some(&b.attention_mask),
-                    Mode::Train,
-                    &ForwardOptions::default(),
-                )
-                .map_err(|e| config_err("routing", e.to_string()))?;
+            let out = train_forward(&routed, &b)?;
             ce += masked_ce(&out.logits, &b).double_value(&[]) * chunk.len() as f64;
             last = diagnostics(&out);
             ratio += last.ratio * chunk.len() as f64;
@@ -584,14 +589,7 @@ impl<'a> Trainer<'a> {
                     .map(|i| &train[(start + i) % train.len()])
                     .collect();
                 let b = collate(&refs, self.model.device);
-                let out = routed
-                    .forward(
-                        &b.ids,
-                        Some(&b.attention_mask),
-                        Mode::Train,
-                        &ForwardOptions::default(),
-                    )
-                    .map_err(|e| config_err("routing", e.to_string()))?;
+                let out = train_forward(&routed, &b)?;
                 let dense = if self.cfg.kd_weight > 0.0 {
                     let _g = tch::no_grad_guard();
                     Some(self.model.forward(&b.ids, Some(&b.attention_mask))?.logits)
