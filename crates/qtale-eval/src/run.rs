@@ -31,7 +31,8 @@ pub struct Efficiency {
     /// Realized execution ratio (routed decoders), overall and per layer.
     pub exec_ratio: Option<f64>,
     pub exec_ratio_per_layer: Option<Vec<f64>>,
-    /// FLOPs relative to the dense model (1.0 for dense; the execution ratio's share for routed).
+    /// FLOPs relative to the dense model (1.0 for dense; executed layers, attention over the keys each
+    /// token sees, and the routers' own cost for routed decoders: `qtale_router::FlopModel`).
     pub flops_rel_dense: Option<f64>,
 }
 
@@ -107,9 +108,9 @@ pub fn evaluate_task(
         forward_calls: stats.forward_calls,
         weight_bytes,
         peak_kv_bytes: stats.peak_kv_bytes,
-        flops_rel_dense: Some(stats.exec_ratio.unwrap_or(1.0)),
-        exec_ratio: stats.exec_ratio,
-        exec_ratio_per_layer: stats.exec_ratio_per_layer,
+        flops_rel_dense: Some(stats.exec.as_ref().map_or(1.0, |e| e.flops_fraction())),
+        exec_ratio: stats.exec.as_ref().map(|e| e.ratio()),
+        exec_ratio_per_layer: stats.exec.as_ref().map(|e| e.layer_ratio()),
     };
     Ok(TaskResult {
         task: data.task,

@@ -10,6 +10,8 @@
 //! (longest first) and packed into batches of at most `batch_size` continuation rows. Contexts are
 //! left-padded and continuations right-padded; positions count real tokens only, so padding does not
 //! change a result beyond float rounding.
+use std::borrow::Borrow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use serde::Serialize;
@@ -17,6 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 use qtale_model::model::{KvCache, LayerCache};
 use qtale_model::Llama;
+use qtale_router::{ExecSummary, ForwardOptions, Mode, RoutedLlama, Router};
 
 use crate::error::{EvalError, Result};
 
@@ -52,10 +55,8 @@ pub struct ScoreStats {
     pub forward_calls: usize,
     /// Largest K/V bytes held for valid keys in one batch (after expanding shared contexts).
     pub peak_kv_bytes: usize,
-    /// Execution ratio realized by a routed decoder (fraction of (token, layer) pairs executed);
-    /// `None` for dense models.
-    pub exec_ratio: Option<f64>,
-    pub exec_ratio_per_layer: Option<Vec<f64>>,
+    /// What a routed decoder executed (ratio, per-layer ratios, FLOPs vs dense); `None` for dense models.
+    pub exec: Option<ExecSummary>,
 }
 
 /// Anything that answers log-likelihood requests.
@@ -84,7 +85,7 @@ pub trait Decoder {
     /// Bytes of all weights as stored.
     fn weight_bytes(&self) -> usize;
     /// Execution statistics since the last call (routed decoders); `None` for dense ones.
-    fn take_exec_stats(&self) -> Option<(f64, Vec<f64>)> {
+    fn take_exec_stats(&self) -> Option<ExecSummary> {
         None
     }
 }
@@ -107,6 +108,61 @@ impl Decoder for Llama {
     }
     fn weight_bytes(&self) -> usize {
         Llama::weight_bytes(self)
+    }
+}
+
+/// A routed decoder scored in inference mode (real skipping at its `theta`), collecting what it
+/// executed for [`Decoder::take_exec_stats`].
+pub struct RoutedDecoder<M, R> {
+    pub routed: RoutedLlama<M, R>,
+    exec: RefCell<Option<ExecSummary>>,
+}
+
+impl<M: Borrow<Llama>, R: Router> RoutedDecoder<M, R> {
+    pub fn new(routed: RoutedLlama<M, R>) -> Self {
+        RoutedDecoder {
+            routed,
+            exec: RefCell::new(None),
+        }
+    }
+}
+
+impl<M: Borrow<Llama>, R: Router> Decoder for RoutedDecoder<M, R> {
+    fn num_layers(&self) -> usize {
+        self.routed.llama().layers.len()
+    }
+    fn device(&self) -> Device {
+        self.routed.llama().device
+    }
+    fn max_length(&self) -> usize {
+        self.routed.llama().config.max_position_embeddings
+    }
+    fn forward_hidden(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let opts = ForwardOptions {
+            forced: None,
+            stats: true,
+        };
+        let out = self
+            .routed
+            .forward_cached(ids, Some(mask), cache, Mode::Infer, &opts)?;
+        if let Some(s) = &out.stats {
+            let mut acc = self.exec.borrow_mut();
+            match acc.as_mut() {
+                Some(a) => a.merge(&s.summary()),
+                None => *acc = Some(s.summary()),
+            }
+        }
+        Ok(out.hidden)
+    }
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        self.routed.llama().lm_logits(hidden)
+    }
+    /// The decoder's weights plus the routers' (kept in high precision).
+    fn weight_bytes(&self) -> usize {
+        self.routed.llama().weight_bytes() + self.routed.router.weight_bytes()
+    }
+    fn take_exec_stats(&self) -> Option<ExecSummary> {
+        self.exec.borrow_mut().take()
     }
 }
 
@@ -268,9 +324,11 @@ impl<D: Decoder + ?Sized> Scorer for LmScorer<'_, D> {
             .iter()
             .map(|r| r.context.len() + r.continuation.len() - 1)
             .sum::<usize>();
-        if let Some((ratio, per_layer)) = self.model.take_exec_stats() {
-            self.stats.exec_ratio = Some(ratio);
-            self.stats.exec_ratio_per_layer = Some(per_layer);
+        if let Some(e) = self.model.take_exec_stats() {
+            match &mut self.stats.exec {
+                Some(acc) => acc.merge(&e),
+                None => self.stats.exec = Some(e),
+            }
         }
         Ok(results
             .into_iter()

@@ -9,12 +9,13 @@ use tch::{Device, Kind};
 use qtale_eval::encode::{encode_pair, EncodeConfig};
 use qtale_eval::metrics::DocScore;
 use qtale_eval::ppl::{kl_divergence, perplexity, WindowConfig};
-use qtale_eval::run::{build_requests, evaluate_task};
+use qtale_eval::run::{build_requests, evaluate_task, TaskResult};
 use qtale_eval::scorer::score_one_by_one;
 use qtale_eval::tasks::default_data_root;
-use qtale_eval::{load_task, LlResult, LmScorer, Scorer, TaskId};
+use qtale_eval::{load_task, Decoder, LlResult, LmScorer, RoutedDecoder, Scorer, TaskId};
 use qtale_model::load::default_gguf_path;
 use qtale_model::{load_model, LoadedModel, ModelSource};
+use qtale_router::{RoutedLlama, RoutingConfig, StaticRouter};
 
 fn skip() -> bool {
     std::env::var("QTALE_SKIP_ASSET_TESTS").is_ok_and(|v| v == "1")
@@ -171,13 +172,62 @@ fn matches_lm_evaluation_harness_on_20_docs_of_each_task() {
 }
 
 fn scores(lm: &LoadedModel, task: TaskId, n: usize, bs: usize, share: bool) -> Vec<DocScore> {
+    scores_of(&lm.model, &lm.tokenizer, task, n, bs, share).docs
+}
+
+fn scores_of(
+    d: &dyn Decoder,
+    tok: &tokenizers::Tokenizer,
+    task: TaskId,
+    n: usize,
+    bs: usize,
+    share: bool,
+) -> TaskResult {
     let root = default_data_root();
     let data = load_task(task, &root, None, Some(n)).unwrap();
-    let mut s = LmScorer::new(&lm.model, bs);
+    let mut s = LmScorer::new(d, bs);
     s.share_context = share;
-    evaluate_task(&mut s, &lm.tokenizer, &enc(), &data, 0, &mut |_| {})
-        .unwrap()
-        .docs
+    evaluate_task(&mut s, tok, &enc(), &data, 0, &mut |_| {}).unwrap()
+}
+
+/// A routed decoder whose static router skips layers {3, 7, 20} for every token (no reserved tokens)
+/// must score exactly like the dense model with those blocks removed, at any batch size and with or
+/// without context sharing, and report the execution ratio 27/30 with FLOPs below dense.
+#[test]
+fn routed_decoder_skipping_layers_equals_removing_them() {
+    let Some(_) = data_root() else { return };
+    let Some(lm) = model() else { return };
+    let Some(mut cut) = model() else { return };
+    for l in [20, 7, 3] {
+        cut.model.layers.remove(l);
+    }
+    let cfg = RoutingConfig {
+        start_layer: 0,
+        reserved_tokens: 0,
+        ..RoutingConfig::default()
+    };
+    let routed = RoutedLlama::new(&lm.model, StaticRouter::new(vec![3, 7, 20]), cfg).unwrap();
+    let dec = RoutedDecoder::new(routed);
+    for task in [TaskId::Boolq, TaskId::Hellaswag] {
+        let want = scores_of(&cut.model, &lm.tokenizer, task, 4, 16, true);
+        assert!(want.efficiency.exec_ratio.is_none());
+        for (bs, share) in [(1, true), (16, true), (16, false)] {
+            let got = scores_of(&dec, &lm.tokenizer, task, 4, bs, share);
+            for (a, b) in got.docs.iter().zip(&want.docs) {
+                assert_eq!((a.pred, a.pred_norm), (b.pred, b.pred_norm), "{task:?}");
+                for (x, y) in a.lls.iter().zip(&b.lls) {
+                    assert!((x - y).abs() < 1e-3, "{task:?} bs {bs} share {share}: {x} vs {y}");
+                }
+            }
+            let e = &got.efficiency;
+            assert!((e.exec_ratio.unwrap() - 27.0 / 30.0).abs() < 1e-9, "{e:?}");
+            let per_layer = e.exec_ratio_per_layer.as_ref().unwrap();
+            assert_eq!(per_layer[3], 0.0);
+            assert_eq!(per_layer[4], 1.0);
+            let f = e.flops_rel_dense.unwrap();
+            assert!(f > 0.85 && f < 0.95, "flops fraction {f}");
+        }
+    }
 }
 
 #[test]

@@ -32,6 +32,10 @@ pub trait Router {
     }
     /// A short name for reports.
     fn name(&self) -> String;
+    /// Bytes of the router's own parameters (reported with the model's weight memory).
+    fn weight_bytes(&self) -> usize {
+        0
+    }
 }
 
 impl<R: Router + ?Sized> Router for &R {
@@ -44,6 +48,9 @@ impl<R: Router + ?Sized> Router for &R {
     fn name(&self) -> String {
         (**self).name()
     }
+    fn weight_bytes(&self) -> usize {
+        (**self).weight_bytes()
+    }
 }
 
 impl<R: Router + ?Sized> Router for Box<R> {
@@ -55,6 +62,9 @@ impl<R: Router + ?Sized> Router for Box<R> {
     }
     fn name(&self) -> String {
         (**self).name()
+    }
+    fn weight_bytes(&self) -> usize {
+        (**self).weight_bytes()
     }
 }
 
@@ -465,5 +475,12 @@ impl Router for DllmRouter {
     }
     fn name(&self) -> String {
         format!("dllm(h={})", self.hidden)
+    }
+    fn weight_bytes(&self) -> usize {
+        self.vs
+            .variables()
+            .values()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
     }
 }
