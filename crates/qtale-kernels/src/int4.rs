@@ -11,13 +11,23 @@
 //!   quantized once per call to int8 with one scale per weight group (symmetric, round to nearest), the
 //!   inner loop multiplies unsigned nibbles by signed int8 with `vpmaddubsw`/`vpmaddwd` into i32, and
 //!   each group costs one float FMA; the zero-point term uses the exact f32 sum of the group's
-//!   activations. Its only error against the reference is the int8 rounding of the activations.
+//!   activations. Its only error against the reference is the int8 rounding of the activations (all
+//!   integer sums are exact).
 //!
-//! Both run multithreaded over chunks of output rows ([`Int4Matrix::gemm_with`]).
+//! Both run multithreaded over chunks of output rows on rayon's persistent pool
+//! ([`Int4Matrix::gemm_with`]; about four chunks per thread, so work stealing evens out a core that
+//! another process slows down). The AVX2 kernel multiplies each unpacked weight block with up to
+//! [`MAX_TILE`] tokens while it is in registers, so an 8-token GEMM streams the weights once, as a
+//! GEMV does.
+use rayon::prelude::*;
+
 use crate::{KernelError, Result};
 
 /// Weights per packed block (16 bytes).
 pub const BLOCK: usize = 32;
+
+/// Tokens the AVX2 kernel multiplies with each unpacked weight block in one pass over the weights.
+pub const MAX_TILE: usize = 8;
 
 /// Which kernel computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,8 +198,9 @@ impl Int4Matrix {
         self.gemm_with(x, m, y, Backend::detect(), default_threads())
     }
 
-    /// `y = x W^T` with an explicit backend and thread count (`threads` is an upper bound: small
-    /// products run on fewer threads).
+    /// `y = x W^T` with an explicit backend and thread count: `threads = 1` runs on the calling
+    /// thread; more splits the output rows into about `4 * threads` chunks that run on rayon's global
+    /// pool (sized by `RAYON_NUM_THREADS` or the cores). Small products use fewer chunks.
     pub fn gemm_with(
         &self,
         x: &[f32],
@@ -219,53 +230,72 @@ impl Int4Matrix {
             Backend::Avx2 => Some(QuantActs::new(x, m, self.cols, self.group)),
             Backend::Scalar => None,
         };
-        // Below about 256K multiply-adds a thread costs more than it saves.
-        let work = self.rows * self.cols * m;
-        let threads = threads.clamp(1, (work >> 18).max(1)).min(self.rows);
-        let chunk = self.rows.div_ceil(threads);
-        let run = |r0: usize, out: &mut [f32]| {
-            let r1 = (r0 + chunk).min(self.rows);
-            match (&acts, backend) {
-                #[cfg(target_arch = "x86_64")]
-                (Some(a), Backend::Avx2) => {
-                    // SAFETY: Avx2 is only reachable when `is_available` saw AVX2 and FMA.
-                    unsafe { avx2::rows(self, a, m, r0, r1, out) }
-                }
-                _ => self.rows_scalar(x, m, r0, r1, out),
+        let chunks = self.row_chunks(m, threads);
+        let run = |r0: usize, r1: usize, out: &mut [f32]| match (&acts, backend) {
+            #[cfg(target_arch = "x86_64")]
+            (Some(a), Backend::Avx2) => {
+                // SAFETY: Avx2 is only reachable when `is_available` saw AVX2 and FMA.
+                unsafe { avx2::rows(self, a, m, r0, r1, out) }
             }
+            _ => self.rows_scalar(x, m, r0, r1, out),
         };
-        // Per-thread output `[rows of chunk, m]`, scattered into `y: [m, rows]` afterwards.
-        let mut parts: Vec<Vec<f32>> = (0..threads)
-            .map(|i| {
-                let r0 = i * chunk;
-                vec![0.0; (chunk.min(self.rows.saturating_sub(r0))) * m]
-            })
-            .collect();
-        if threads == 1 {
-            run(0, &mut parts[0]);
-        } else {
-            std::thread::scope(|s| {
-                let mut it = parts.iter_mut().enumerate();
-                let (_, first) = it.next().expect("threads >= 1");
-                for (i, p) in it {
-                    let run = &run;
-                    s.spawn(move || run(i * chunk, p));
-                }
-                run(0, first);
-            });
+        if chunks.len() == 1 {
+            // `[m, rows]` is the kernels' layout for the whole row range.
+            run(0, self.rows, y);
+            return Ok(());
         }
-        for (i, p) in parts.iter().enumerate() {
-            let r0 = i * chunk;
-            let n = p.len() / m;
-            for rr in 0..n {
+        if m == 1 {
+            // One token: each chunk writes its own contiguous slice of `y`.
+            let mut outs: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(chunks.len());
+            let mut rest = &mut y[..];
+            for &(r0, r1) in &chunks {
+                let (head, tail) = rest.split_at_mut(r1 - r0);
+                outs.push((r0, r1, head));
+                rest = tail;
+            }
+            outs.into_par_iter()
+                .for_each(|(r0, r1, out)| run(r0, r1, out));
+        } else {
+            // Several tokens: per-chunk outputs `[m, rows of chunk]`, copied into `y: [m, rows]`.
+            let mut parts: Vec<(usize, usize, Vec<f32>)> = chunks
+                .iter()
+                .map(|&(r0, r1)| (r0, r1, vec![0f32; m * (r1 - r0)]))
+                .collect();
+            parts
+                .par_iter_mut()
+                .for_each(|(r0, r1, out)| run(*r0, *r1, out));
+            for (r0, r1, p) in &parts {
+                let n = r1 - r0;
                 for t in 0..m {
-                    y[t * self.rows + r0 + rr] = p[rr * m + t];
+                    y[t * self.rows + r0..t * self.rows + r1]
+                        .copy_from_slice(&p[t * n..(t + 1) * n]);
                 }
             }
         }
         Ok(())
     }
 
+    /// Output-row ranges for one product: about four per thread (so that work stealing evens out a
+    /// core that another process slows down), none below about 256K multiply-adds (a task costs a few
+    /// microseconds), each a multiple of 8 rows except the last.
+    fn row_chunks(&self, m: usize, threads: usize) -> Vec<(usize, usize)> {
+        let work = self.rows * self.cols * m;
+        let threads = threads.max(1);
+        let n = if threads == 1 {
+            1
+        } else {
+            (4 * threads)
+                .min((work >> 18).max(1))
+                .min(self.rows.div_ceil(8))
+        };
+        let size = self.rows.div_ceil(n).next_multiple_of(8).min(self.rows);
+        (0..self.rows)
+            .step_by(size.max(1))
+            .map(|r0| (r0, (r0 + size).min(self.rows)))
+            .collect()
+    }
+
+    /// Rows `r0..r1` for all `m` tokens into `out[t * (r1 - r0) + (r - r0)]`.
     fn rows_scalar(&self, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
         let ng = self.cols / self.group;
         let mut wrow = vec![0f32; self.cols];
@@ -285,7 +315,7 @@ impl Int4Matrix {
             }
             for t in 0..m {
                 let xt = &x[t * self.cols..(t + 1) * self.cols];
-                out[(r - r0) * m + t] = wrow.iter().zip(xt).map(|(a, b)| a * b).sum();
+                out[t * (r1 - r0) + (r - r0)] = wrow.iter().zip(xt).map(|(a, b)| a * b).sum();
             }
         }
     }
@@ -339,7 +369,7 @@ impl QuantActs {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Int4Matrix, QuantActs, BLOCK};
+    use super::{Int4Matrix, QuantActs, BLOCK, MAX_TILE};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -351,14 +381,15 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Rows `r0..r1` for tokens `t0..t0+NT` into `out[(r - r0) * m + t]`.
+    /// Rows `r0..r1` for tokens `t0..t0 + NT` into `out[t * (r1 - r0) + (r - r0)]`. Each 32-weight
+    /// block is loaded and unpacked once and multiplied with all `NT` tokens while it is in registers,
+    /// so an `NT`-token tile streams the weights once, as a GEMV does.
     #[allow(clippy::needless_range_loop)] // indexes several NT-arrays in step
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const NT: usize>(
         w: &Int4Matrix,
         a: &QuantActs,
-        m: usize,
         t0: usize,
         r0: usize,
         r1: usize,
@@ -367,18 +398,23 @@ mod avx2 {
         let cols = w.cols;
         let ng = cols / w.group;
         let bpg = w.group / BLOCK;
+        let len = r1 - r0;
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
         let qp = w.qs.as_ptr();
-        let xq = a.q.as_ptr();
+        let xq = a.q.as_ptr().add(t0 * cols);
+        let d = a.d.as_ptr().add(t0 * ng);
+        let sum = a.sum.as_ptr().add(t0 * ng);
         for r in r0..r1 {
             let row = qp.add(r * cols / 2);
+            let scales = w.scales.as_ptr().add(r * ng);
+            let zeros = w.zeros.as_ptr().add(r * ng);
             let mut tot = [_mm256_setzero_ps(); NT];
             let mut zterm = [0f32; NT];
             for g in 0..ng {
-                let s = *w.scales.get_unchecked(r * ng + g);
-                let z = *w.zeros.get_unchecked(r * ng + g) as f32;
+                let s = *scales.add(g);
+                let sz = s * *zeros.add(g) as f32;
                 let mut acc = [_mm256_setzero_si256(); NT];
                 for b in g * bpg..(g + 1) * bpg {
                     let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(
@@ -386,26 +422,27 @@ mod avx2 {
                     ));
                     let nib = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
                     for t in 0..NT {
-                        let xv = _mm256_loadu_si256(
-                            xq.add((t0 + t) * cols + b * BLOCK) as *const __m256i
-                        );
+                        let xv = _mm256_loadu_si256(xq.add(t * cols + b * BLOCK) as *const __m256i);
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(nib, xv), ones);
                         acc[t] = _mm256_add_epi32(acc[t], p);
                     }
                 }
                 for t in 0..NT {
-                    let i = (t0 + t) * ng + g;
-                    let f = s * *a.d.get_unchecked(i);
-                    tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_set1_ps(f), tot[t]);
-                    zterm[t] += s * z * *a.sum.get_unchecked(i);
+                    let i = t * ng + g;
+                    let f = _mm256_set1_ps(s * *d.add(i));
+                    tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), f, tot[t]);
+                    zterm[t] += sz * *sum.add(i);
                 }
             }
             for t in 0..NT {
-                *out.get_unchecked_mut((r - r0) * m + t0 + t) = hsum(tot[t]) - zterm[t];
+                *out.get_unchecked_mut(t * len + r - r0) = hsum(tot[t]) - zterm[t];
             }
         }
     }
 
+    /// Rows `r0..r1` for all `m` tokens into `out[t * (r1 - r0) + (r - r0)]`, in tiles of up to
+    /// [`MAX_TILE`] tokens (one pass over the weights per tile).
+    ///
     /// # Safety
     /// The CPU must support AVX2 and FMA; `a` must come from the same `cols`/`group` as `w`.
     #[target_feature(enable = "avx2,fma")]
@@ -417,16 +454,22 @@ mod avx2 {
         r1: usize,
         out: &mut [f32],
     ) {
-        assert!(out.len() >= (r1 - r0) * m);
+        let len = r1 - r0;
+        assert!(r1 <= w.rows && out.len() == len * m);
         assert!(a.q.len() == m * w.cols && a.d.len() == m * (w.cols / w.group));
         let mut t0 = 0;
         while t0 < m {
-            let nt = (m - t0).min(4);
+            let nt = (m - t0).min(MAX_TILE);
+            let o = &mut out[t0 * len..(t0 + nt) * len];
             match nt {
-                4 => tile::<4>(w, a, m, t0, r0, r1, out),
-                3 => tile::<3>(w, a, m, t0, r0, r1, out),
-                2 => tile::<2>(w, a, m, t0, r0, r1, out),
-                _ => tile::<1>(w, a, m, t0, r0, r1, out),
+                8 => tile::<8>(w, a, t0, r0, r1, o),
+                7 => tile::<7>(w, a, t0, r0, r1, o),
+                6 => tile::<6>(w, a, t0, r0, r1, o),
+                5 => tile::<5>(w, a, t0, r0, r1, o),
+                4 => tile::<4>(w, a, t0, r0, r1, o),
+                3 => tile::<3>(w, a, t0, r0, r1, o),
+                2 => tile::<2>(w, a, t0, r0, r1, o),
+                _ => tile::<1>(w, a, t0, r0, r1, o),
             }
             t0 += nt;
         }

@@ -4,8 +4,9 @@
 //!   GPTQ checkpoints use along their packed dimension).
 //! * [`int4`]: a group-wise asymmetric int4 matrix ([`int4::Int4Matrix`]) and its GEMV / small-batch
 //!   GEMM `y = x W^T`: an AVX2+FMA kernel chosen at run time (activations quantized to int8 once per
-//!   call, `maddubs` integer dot products, one float FMA per 32 weights) and a scalar f32 reference,
-//!   multithreaded by output-row chunks.
+//!   call, `maddubs` integer dot products, one float FMA per group and token, up to 8 tokens per
+//!   pass over the weights) and a scalar f32 reference, multithreaded by output-row chunks on rayon's
+//!   pool.
 pub mod int4;
 pub mod pack;
 

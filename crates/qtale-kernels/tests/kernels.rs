@@ -67,6 +67,36 @@ fn simd_matches_scalar_on_random_inputs() {
     }
 }
 
+/// Every token count of the small-batch path (one tile of up to 8 tokens per pass over the weights)
+/// and beyond it (tiles of 8 plus a remainder), for several group sizes and thread counts; row counts
+/// that do not split evenly into chunks.
+#[test]
+fn simd_matches_scalar_for_each_token_count() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for &(rows, cols, group) in &[(136, 512, 32), (72, 640, 64), (520, 1024, 128)] {
+        let w = random_matrix(&mut rng, rows, cols, group);
+        for m in (1..=8).chain([9, 13, 17]) {
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            check(&w, &x, m, &format!("{rows}x{cols} g{group} m{m}"));
+            // each token's result equals the same token computed alone (tiles do not mix tokens)
+            if Backend::Avx2.is_available() {
+                let mut all = vec![0f32; m * rows];
+                w.gemm_with(&x, m, &mut all, Backend::Avx2, 2).unwrap();
+                for t in [0, m - 1] {
+                    let mut one = vec![0f32; rows];
+                    w.gemm_with(&x[t * cols..(t + 1) * cols], 1, &mut one, Backend::Avx2, 1)
+                        .unwrap();
+                    assert_eq!(
+                        &all[t * rows..(t + 1) * rows],
+                        &one[..],
+                        "{rows}x{cols} g{group} m{m} token {t}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn simd_matches_scalar_on_adversarial_inputs() {
     let mut rng = StdRng::seed_from_u64(2);

@@ -254,6 +254,138 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// Build the decoder like [`Llama::from_tensors`], except that every block linear
+    /// (q/k/v/o/gate/up/down of each layer) is made by `linear(map, prefix, in, out, bias)`, which takes
+    /// the tensors it needs out of `map` (a dense `prefix.weight`, or packed `qweight`/`qzeros`/`scales`,
+    /// ...); `bias` says whether the config gives this linear a bias. Every other tensor (embedding,
+    /// norms, LM head) is checked by name and shape and moved to `device` in `kind`; tensors left in
+    /// `map` at the end are reported as unexpected.
+    pub fn from_tensors_with_linears<E: From<ModelError>>(
+        cfg: LlamaConfig,
+        mut map: TensorMap,
+        device: Device,
+        kind: Kind,
+        mut linear: impl FnMut(&mut TensorMap, &str, i64, i64, bool) -> Result<Box<dyn Linear>, E>,
+    ) -> Result<Self, E> {
+        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            return Err(ModelError::Input(format!(
+                "unsupported compute dtype {kind:?} (f32, bf16 or f16)"
+            ))
+            .into());
+        }
+        let is_block_linear = |name: &str| {
+            name.starts_with("model.layers.")
+                && crate::model::BLOCK_LINEARS
+                    .iter()
+                    .any(|l| name.contains(&format!(".{l}.")))
+        };
+        let others: Vec<(String, Vec<i64>)> = crate::weights::expected_tensors(&cfg)
+            .into_iter()
+            .filter(|(n, _)| !is_block_linear(n))
+            .collect();
+        let missing: Vec<String> = others
+            .iter()
+            .filter(|(n, _)| !map.tensors.contains_key(n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(ModelError::MissingTensors {
+                source_name: map.source_name.clone(),
+                names: missing,
+            }
+            .into());
+        }
+        for (name, shape) in &others {
+            let got = map.tensors[name].size();
+            if &got != shape {
+                return Err(ModelError::ShapeMismatch {
+                    source_name: map.source_name.clone(),
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    got,
+                }
+                .into());
+            }
+        }
+        let get = |map: &mut TensorMap, name: &str| -> Result<Tensor> {
+            Ok(map.take(name)?.to_kind(kind).to_device(device))
+        };
+        let (d, ff) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+        let q = (cfg.num_attention_heads * cfg.head_dim) as i64;
+        let kv = (cfg.num_key_value_heads * cfg.head_dim) as i64;
+        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+        let eps = cfg.rms_norm_eps;
+        let embed_tokens = get(&mut map, "model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let input_layernorm = RmsNorm {
+                weight: get(&mut map, &format!("{p}.input_layernorm.weight"))?,
+                eps,
+            };
+            let post_attention_layernorm = RmsNorm {
+                weight: get(&mut map, &format!("{p}.post_attention_layernorm.weight"))?,
+                eps,
+            };
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(DecoderLayer {
+                input_layernorm,
+                self_attn: Attention {
+                    q_proj: linear(&mut map, &format!("{a}.q_proj"), d, q, ab)?,
+                    k_proj: linear(&mut map, &format!("{a}.k_proj"), d, kv, ab)?,
+                    v_proj: linear(&mut map, &format!("{a}.v_proj"), d, kv, ab)?,
+                    o_proj: linear(&mut map, &format!("{a}.o_proj"), q, d, ab)?,
+                    num_heads: cfg.num_attention_heads as i64,
+                    num_kv_heads: cfg.num_key_value_heads as i64,
+                    head_dim: cfg.head_dim as i64,
+                },
+                post_attention_layernorm,
+                mlp: Mlp {
+                    gate_proj: linear(&mut map, &format!("{m}.gate_proj"), d, ff, mb)?,
+                    up_proj: linear(&mut map, &format!("{m}.up_proj"), d, ff, mb)?,
+                    down_proj: linear(&mut map, &format!("{m}.down_proj"), ff, d, mb)?,
+                },
+            });
+        }
+        let norm = RmsNorm {
+            weight: get(&mut map, "model.norm.weight")?,
+            eps,
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            map.tensors.remove("lm_head.weight");
+            None
+        } else {
+            Some(get(&mut map, "lm_head.weight")?)
+        };
+        let unexpected: Vec<String> = map
+            .tensors
+            .keys()
+            .filter(|n| !n.ends_with(".rotary_emb.inv_freq"))
+            .cloned()
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(ModelError::UnexpectedTensors {
+                source_name: map.source_name.clone(),
+                names: unexpected,
+            }
+            .into());
+        }
+        let rope = Rope::new(&cfg, device);
+        Ok(Llama {
+            config: cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device,
+            kind,
+        })
+    }
+}
+
 /// Parse `--device`: `cpu`, `cuda` or `cuda:N`; CUDA must be available.
 pub fn parse_device(s: &str) -> Result<Device> {
     let dev = match s {

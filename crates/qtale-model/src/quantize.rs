@@ -11,6 +11,7 @@
 //!   on the MLP output, down on its own output, folded into input_layernorm / post_attention_layernorm /
 //!   up_proj; o_proj is not scaled (with grouped-query attention v_proj's output does not match its
 //!   input). Then a clip search per linear, then RTN with those clips. The artefacts are returned.
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -22,13 +23,17 @@ use qtale_quant::awq::{search_clip, search_scales, AwqClip, AwqScales};
 use qtale_quant::gptq::{Gptq, GptqReport};
 use qtale_quant::kernels::int4::Int4Matrix;
 use qtale_quant::packed::{
-    read_quantization_config, save_safetensors, Checkpoint, GptqPacked, GptqQuantizationConfig,
+    read_quantization_config, save_safetensors, Checkpoint, GptqPacked, HfQuantizationConfig,
+    PackedLayout, StoredLinear,
 };
 use qtale_quant::rtn::quantize_rtn;
 use qtale_quant::{QuantConfig, QuantError, QuantizedWeight};
 
+use crate::config::HfConfig;
 use crate::error::ModelError;
+use crate::load::{LoadedModel, ModelSource};
 use crate::model::{DecoderLayer, DenseLinear, LayerCache, Linear, Llama};
+use crate::weights::{safetensors_files, TensorMap};
 
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +110,7 @@ fn dense(w: Tensor) -> Box<dyn Linear> {
 pub struct QuantLinear {
     packed: GptqPacked,
     kernel: Option<Int4Matrix>,
+    bias: Option<Tensor>,
     cache_dense: bool,
     cache: Mutex<Option<Tensor>>,
 }
@@ -117,9 +123,16 @@ impl QuantLinear {
         QuantLinear {
             kernel: packed.to_int4(),
             packed,
+            bias: None,
             cache_dense,
             cache: Mutex::new(None),
         }
+    }
+
+    /// The same linear with a (dense) bias `[out]` added to its output.
+    pub fn with_bias(mut self, bias: Option<Tensor>) -> Self {
+        self.bias = bias;
+        self
     }
 
     pub fn from_quantized(q: &QuantizedWeight, cache_dense: bool) -> QResult<Self> {
@@ -164,10 +177,18 @@ impl Linear for QuantLinear {
                 k.gemm(&xs, n as usize, &mut y).expect("shapes checked");
                 let mut shape = x.size();
                 *shape.last_mut().expect("input has a feature dimension") = out;
-                return Tensor::from_slice(&y).view(shape.as_slice());
+                let y = Tensor::from_slice(&y).view(shape.as_slice());
+                return match &self.bias {
+                    Some(b) => y + b.to_kind(Kind::Float),
+                    None => y,
+                };
             }
         }
-        x.linear::<Tensor>(&self.dense_weight(x.device(), x.kind()), None)
+        let b = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_device(x.device()).to_kind(x.kind()));
+        x.linear(&self.dense_weight(x.device(), x.kind()), b.as_ref())
     }
     fn in_features(&self) -> i64 {
         self.packed.in_features as i64
@@ -178,9 +199,17 @@ impl Linear for QuantLinear {
     fn weight(&self) -> Tensor {
         self.packed.dequantize()
     }
-    /// Bytes of the packed GPTQ tensors (the CPU kernel's int4 copy is a run-time form, not counted).
+    /// Bytes of the packed GPTQ tensors and the bias (the CPU kernel's int4 copy is a run-time form,
+    /// not counted).
     fn weight_bytes(&self) -> usize {
         self.packed.bytes()
+            + self
+                .bias
+                .as_ref()
+                .map_or(0, |b| b.numel() * b.kind().elt_size_in_bytes())
+    }
+    fn bias(&self) -> Option<Tensor> {
+        self.bias.as_ref().map(Tensor::shallow_clone)
     }
 }
 
@@ -385,6 +414,11 @@ pub fn quantize_model(
         seconds: 0.0,
     };
     let cfg = &opts.config;
+    if opts.method == Method::Awq && (model.config.attention_bias || model.config.mlp_bias) {
+        return Err(QuantizeError::Input(
+            "AWQ scale folding does not handle linear biases (attention_bias / mlp_bias)".into(),
+        ));
+    }
 
     let finish = |summary: &mut QuantizeSummary,
                   layer: &mut DecoderLayer,
@@ -395,7 +429,8 @@ pub fn quantize_model(
                   seconds: f64,
                   gptq: Option<GptqReport>|
      -> QResult<()> {
-        let ql = QuantLinear::from_quantized(&q, opts.cache_dense)?;
+        let bias = slot(layer, name).bias();
+        let ql = QuantLinear::from_quantized(&q, opts.cache_dense)?.with_bias(bias);
         let wq = ql.packed().dequantize();
         let w = w.to_device(Device::Cpu).to_kind(Kind::Float);
         let rel = ((&w - &wq).norm().double_value(&[]) / w.norm().double_value(&[]).max(1e-30))
@@ -735,54 +770,125 @@ fn awq_layer(
     })
 }
 
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> QuantizeError + '_ {
+    move |source| {
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    }
+}
+
 /// Write the quantized linears (GPTQ layout) and the block norms (AWQ changes them) to
-/// `dir/model.safetensors`, and `dir/config.json` with `quantization_config`.
-pub fn save_quantized(
-    model: &Llama,
-    summary: &QuantizeSummary,
-    dir: &std::path::Path,
-) -> QResult<()> {
-    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+/// `dir/model.safetensors`, and `dir/config.json` with `quantization_config`: a delta over the base
+/// model, read back by [`load_quantized`]. [`save_quantized_hf_dir`] writes a standalone directory.
+pub fn save_quantized(model: &Llama, summary: &QuantizeSummary, dir: &Path) -> QResult<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let packed: Vec<(String, &GptqPacked)> =
         summary.packed.iter().map(|(n, p)| (n.clone(), p)).collect();
     let mut dense = Vec::new();
     for (i, l) in model.layers.iter().enumerate() {
         dense.push((
             format!("model.layers.{i}.input_layernorm.weight"),
-            &l.input_layernorm.weight,
+            l.input_layernorm.weight.shallow_clone(),
         ));
         dense.push((
             format!("model.layers.{i}.post_attention_layernorm.weight"),
-            &l.post_attention_layernorm.weight,
+            l.post_attention_layernorm.weight.shallow_clone(),
         ));
     }
-    save_safetensors(&dir.join("model.safetensors"), &packed, &dense)?;
+    let dense: Vec<(String, &Tensor)> = dense.iter().map(|(n, t)| (n.clone(), t)).collect();
+    save_safetensors(
+        &dir.join("model.safetensors"),
+        PackedLayout::Gptq,
+        &packed,
+        &dense,
+    )?;
+    let qc = HfQuantizationConfig::for_layout(PackedLayout::Gptq, &summary.config)?;
     let cfg = serde_json::json!({
         "model_type": "llama",
-        "quantization_config": GptqQuantizationConfig::from_quant_config(&summary.config),
+        "quantization_config": qc.to_json(),
         "qtale_quant_method": summary.method.name(),
     });
     let p = dir.join("config.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).map_err(|source| {
-        ModelError::Io {
-            path: p.clone(),
-            source,
-        }
-    })?;
+    std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).map_err(io_err(&p))?;
     Ok(())
 }
 
-/// Replace the block linears of `model` by those of a GPTQ-layout checkpoint written by
-/// [`save_quantized`] (or any checkpoint with the same tensor names); block norms present in it are
-/// loaded too. Returns how many linears were replaced.
-pub fn load_quantized(
-    model: &mut Llama,
-    dir: &std::path::Path,
-    cache_dense: bool,
-) -> QResult<usize> {
+/// Write a standalone, hub-style quantized HF directory: `config.json` (the model's config plus
+/// `quantization_config` for `layout`) and `model.safetensors` holding the packed linears of
+/// `summary` in `layout` (GPTQ or AutoAWQ "gemm"), every other tensor dense in f32 (embedding, norms,
+/// LM head, biases, and block linears left unquantized). [`load_quantized_hf_dir`] reads it back.
+pub fn save_quantized_hf_dir(
+    model: &Llama,
+    summary: &QuantizeSummary,
+    dir: &Path,
+    layout: PackedLayout,
+) -> QResult<()> {
+    let qc = HfQuantizationConfig::for_layout(layout, &summary.config)?;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let by_prefix: std::collections::HashMap<&str, &GptqPacked> = summary
+        .packed
+        .iter()
+        .map(|(n, p)| (n.as_str(), p))
+        .collect();
+    let mut packed: Vec<(String, &GptqPacked)> = Vec::new();
+    let mut dense: Vec<(String, Tensor)> = vec![(
+        "model.embed_tokens.weight".into(),
+        model.embed_tokens.shallow_clone(),
+    )];
+    for (i, l) in model.layers.iter().enumerate() {
+        dense.push((
+            format!("model.layers.{i}.input_layernorm.weight"),
+            l.input_layernorm.weight.shallow_clone(),
+        ));
+        dense.push((
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            l.post_attention_layernorm.weight.shallow_clone(),
+        ));
+        for name in LINEARS {
+            let prefix = hf_prefix(i, name);
+            let lin = match name {
+                "q_proj" => &l.self_attn.q_proj,
+                "k_proj" => &l.self_attn.k_proj,
+                "v_proj" => &l.self_attn.v_proj,
+                "o_proj" => &l.self_attn.o_proj,
+                "gate_proj" => &l.mlp.gate_proj,
+                "up_proj" => &l.mlp.up_proj,
+                _ => &l.mlp.down_proj,
+            };
+            match by_prefix.get(prefix.as_str()) {
+                Some(p) => packed.push((prefix.clone(), *p)),
+                None => dense.push((format!("{prefix}.weight"), lin.weight())),
+            }
+            if let Some(b) = lin.bias() {
+                dense.push((format!("{prefix}.bias"), b));
+            }
+        }
+    }
+    dense.push((
+        "model.norm.weight".into(),
+        model.norm.weight.shallow_clone(),
+    ));
+    if let Some(h) = &model.lm_head {
+        dense.push(("lm_head.weight".into(), h.shallow_clone()));
+    }
+    let dense: Vec<(String, &Tensor)> = dense.iter().map(|(n, t)| (n.clone(), t)).collect();
+    save_safetensors(&dir.join("model.safetensors"), layout, &packed, &dense)?;
+    let mut cfg = serde_json::to_value(model.config.to_hf()).expect("config serializes");
+    cfg["quantization_config"] = qc.to_json();
+    cfg["qtale_quant_method"] = summary.method.name().into();
+    let p = dir.join("config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).map_err(io_err(&p))?;
+    Ok(())
+}
+
+/// Replace the block linears of `model` by those of a quantized checkpoint (GPTQ or AWQ layout)
+/// written by [`save_quantized`] or [`save_quantized_hf_dir`] (or any single-file checkpoint with the
+/// same tensor names); block norms present in it are loaded too. Returns how many linears were
+/// replaced.
+pub fn load_quantized(model: &mut Llama, dir: &Path, cache_dense: bool) -> QResult<usize> {
     let qc = read_quantization_config(&dir.join("config.json"))?;
     let ck = Checkpoint::open(&dir.join("model.safetensors"))?;
     let names: std::collections::HashSet<String> = ck.names().into_iter().collect();
@@ -793,12 +899,20 @@ pub fn load_quantized(
             if !names.contains(&format!("{prefix}.qweight")) {
                 continue;
             }
-            let (inf, outf) = {
+            let (inf, outf, bias) = {
                 let s = slot(layer, name);
-                (s.in_features() as usize, s.out_features() as usize)
+                (
+                    s.in_features() as usize,
+                    s.out_features() as usize,
+                    s.bias(),
+                )
             };
             let p = ck.packed(&prefix, inf, outf, &qc)?;
-            install(layer, name, Box::new(QuantLinear::new(p, cache_dense)));
+            install(
+                layer,
+                name,
+                Box::new(QuantLinear::new(p, cache_dense).with_bias(bias)),
+            );
             n += 1;
         }
         for (norm, w) in [
@@ -824,6 +938,105 @@ pub fn load_quantized(
         }
     }
     Ok(n)
+}
+
+/// Load a hub-style quantized HF directory in one call: `config.json` with `quantization_config`
+/// (`quant_method` `"gptq"`, any `checkpoint_format`/`desc_act`/`sym` we support, or `"awq"` with
+/// `version: "gemm"`), and `model.safetensors` (or shards with an index). Embedding, norms and LM head
+/// load dense onto `device` in `kind`; each block linear becomes a [`QuantLinear`] built directly from
+/// its `qweight`/`qzeros`/`scales`(/`g_idx`), with no dense copy, or a dense linear where the
+/// checkpoint stores `prefix.weight` instead (modules left unquantized). Every missing, unexpected or
+/// mis-shaped tensor and every unsupported config value is a named error. No tokenizer is needed (see
+/// [`load_quantized_model`]).
+pub fn load_quantized_hf_dir(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+    cache_dense: bool,
+) -> QResult<Llama> {
+    let cfg_path = dir.join("config.json");
+    let hf = HfConfig::from_file(&cfg_path)?;
+    let qc_json =
+        hf.quantization_config
+            .as_ref()
+            .ok_or_else(|| QuantError::MissingQuantConfig {
+                path: cfg_path.clone(),
+            })?;
+    let qc = HfQuantizationConfig::from_json(&cfg_path, qc_json)?;
+    let cfg = hf.resolve(&cfg_path)?;
+    let map = TensorMap::from_safetensors(&safetensors_files(dir)?)?;
+    Llama::from_tensors_with_linears(
+        cfg,
+        map,
+        device,
+        kind,
+        |map: &mut TensorMap,
+         prefix: &str,
+         inf: i64,
+         outf: i64,
+         bias: bool|
+         -> QResult<Box<dyn Linear>> {
+            let mut take = |s: &str| map.tensors.remove(&format!("{prefix}.{s}"));
+            let bias = if bias {
+                Some(
+                    take("bias")
+                        .ok_or_else(|| QuantError::MissingTensor(format!("{prefix}.bias")))?
+                        .to_kind(kind)
+                        .to_device(device),
+                )
+            } else {
+                None
+            };
+            if let Some(w) = take("weight") {
+                if w.size() != [outf, inf] {
+                    return Err(QuantError::TensorShape {
+                        name: format!("{prefix}.weight"),
+                        expected: vec![outf as usize, inf as usize],
+                        found: w.size().iter().map(|&d| d as usize).collect(),
+                    }
+                    .into());
+                }
+                return Ok(Box::new(DenseLinear {
+                    weight: w.to_kind(kind).to_device(device),
+                    bias,
+                }));
+            }
+            let stored = StoredLinear {
+                qweight: take("qweight"),
+                qzeros: take("qzeros"),
+                scales: take("scales"),
+                g_idx: match qc.layout() {
+                    PackedLayout::Gptq => take("g_idx"),
+                    PackedLayout::Awq => None,
+                },
+            };
+            if stored.qweight.is_none() {
+                return Err(QuantError::MissingTensor(format!(
+                    "{prefix}.qweight (nor a dense {prefix}.weight) in {}",
+                    dir.display()
+                ))
+                .into());
+            }
+            let p = qc.unpack(prefix, inf as usize, outf as usize, stored)?;
+            Ok(Box::new(QuantLinear::new(p, cache_dense).with_bias(bias)))
+        },
+    )
+}
+
+/// [`load_quantized_hf_dir`] plus the directory's `tokenizer.json`.
+pub fn load_quantized_model(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+    cache_dense: bool,
+) -> QResult<LoadedModel> {
+    let model = load_quantized_hf_dir(dir, device, kind, cache_dense)?;
+    let tokenizer = crate::tokenizer::load_tokenizer(&dir.join("tokenizer.json"))?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source: ModelSource::HfDir(dir.to_path_buf()),
+    })
 }
 
 /// Perplexity `exp(mean NLL)` over equal-length windows.
@@ -939,6 +1152,191 @@ mod tests {
             ppl.push(p);
         }
         assert!(ppl[1] < ppl[0], "GPTQ {} vs RTN {}", ppl[1], ppl[0]);
+    }
+
+    fn tiny(name: &str) -> Llama {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny")
+            .join(name);
+        let p = dir.join("config.json");
+        let cfg = HfConfig::from_file(&p).unwrap().resolve(&p).unwrap();
+        crate::load::load_hf_weights(&dir, cfg, Device::Cpu, Kind::Float).unwrap()
+    }
+
+    fn tiny_calib() -> Vec<Vec<i64>> {
+        (0..4)
+            .map(|s| {
+                (0..16)
+                    .map(|i| ((i * 7 + s * 13 + 3) % 96) as i64)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn quantize_hf_dir_save_load_matches_in_memory_model_on_tiny_fixtures() {
+        tch::set_num_threads(1);
+        let _g = tch::no_grad_guard();
+        let calib = tiny_calib();
+        for (fixture, method, layout) in [
+            ("mha_untied", Method::Gptq, PackedLayout::Gptq),
+            ("gqa_tied", Method::Rtn, PackedLayout::Gptq),
+            ("gqa_llama3", Method::Gptq, PackedLayout::Awq),
+            ("mha_untied", Method::Awq, PackedLayout::Awq),
+        ] {
+            let what = format!("{fixture} {} -> {layout:?}", method.name());
+            let mut model = tiny(fixture);
+            let mut o = QuantizeOptions::new(method, QuantConfig::new(4, 32).unwrap());
+            o.batch = 2;
+            o.awq_eval_rows = 64;
+            o.awq_clip_rows = 32;
+            let s = quantize_model(&mut model, &calib, &o).unwrap();
+            assert_eq!(s.packed.len(), 7 * model.layers.len(), "{what}");
+            let dir = tempfile::tempdir().unwrap();
+            save_quantized_hf_dir(&model, &s, dir.path(), layout).unwrap();
+            let back = load_quantized_hf_dir(dir.path(), Device::Cpu, Kind::Float, false).unwrap();
+            // the loaded linears are packed, not dense copies
+            assert_eq!(back.weight_bytes(), model.weight_bytes(), "{what}");
+            for l in &back.layers {
+                assert!(l.mlp.down_proj.weight_bytes() < 4 * 32 * 64 / 4, "{what}");
+            }
+            // 6 tokens run through the int4 kernel, 12 through dequantize + matmul
+            for len in [6usize, 12] {
+                let ids = Tensor::from_slice(&calib[1][..len]).view([1, -1]);
+                let a = model.forward(&ids, None).unwrap().logits;
+                let b = back.forward(&ids, None).unwrap().logits;
+                let d = max_diff(&a, &b);
+                assert!(d <= 1e-5, "{what}, {len} tokens: logits differ by {d}");
+            }
+        }
+    }
+
+    /// Rewrite `dir/model.safetensors` through `edit` (a list of named tensors in, one out).
+    fn edit_checkpoint(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+        let st = dir.join("model.safetensors");
+        let mut ts = Tensor::read_safetensors(&st).unwrap();
+        edit(&mut ts);
+        Tensor::write_safetensors(&ts, &st).unwrap();
+    }
+
+    fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+        let p = dir.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&p, v.to_string()).unwrap();
+    }
+
+    #[test]
+    fn quantize_hf_dir_malformed_checkpoints_give_named_errors() {
+        tch::set_num_threads(1);
+        let mut model = tiny("mha_untied");
+        let o = QuantizeOptions::new(Method::Rtn, QuantConfig::new(4, 32).unwrap());
+        let s = quantize_model(&mut model, &[], &o).unwrap();
+        let write = |layout| {
+            let dir = tempfile::tempdir().unwrap();
+            save_quantized_hf_dir(&model, &s, dir.path(), layout).unwrap();
+            dir
+        };
+        let load = |dir: &tempfile::TempDir| {
+            load_quantized_hf_dir(dir.path(), Device::Cpu, Kind::Float, false).map(|_| ())
+        };
+        let q = "model.layers.1.self_attn.q_proj";
+        for layout in [PackedLayout::Gptq, PackedLayout::Awq] {
+            let dir = write(layout);
+            load(&dir).unwrap();
+            // missing qzeros
+            edit_checkpoint(dir.path(), |ts| {
+                ts.retain(|(n, _)| n != &format!("{q}.qzeros"))
+            });
+            let e = load(&dir).unwrap_err();
+            assert!(
+                matches!(&e, QuantizeError::Quant(QuantError::MissingTensor(n)) if n.contains("qzeros")),
+                "{layout:?}: {e}"
+            );
+            // wrong shape of scales
+            let dir = write(layout);
+            edit_checkpoint(dir.path(), |ts| {
+                for (n, t) in ts.iter_mut() {
+                    if n == &format!("{q}.scales") {
+                        *t = t.narrow(1, 0, 16).contiguous();
+                    }
+                }
+            });
+            let e = load(&dir).unwrap_err();
+            assert!(
+                matches!(&e, QuantizeError::Quant(QuantError::TensorShape { name, .. }) if name == &format!("{q}.scales")),
+                "{layout:?}: {e}"
+            );
+            // bits 5
+            let dir = write(layout);
+            edit_config(dir.path(), |v| v["quantization_config"]["bits"] = 5.into());
+            let e = load(&dir).unwrap_err();
+            assert!(
+                matches!(&e, QuantizeError::Quant(QuantError::UnsupportedBits(5))),
+                "{layout:?}: {e}"
+            );
+        }
+        // GPTQ: g_idx may be absent only without desc_act
+        let dir = write(PackedLayout::Gptq);
+        edit_checkpoint(dir.path(), |ts| ts.retain(|(n, _)| !n.ends_with(".g_idx")));
+        load(&dir).unwrap();
+        edit_config(dir.path(), |v| {
+            v["quantization_config"]["desc_act"] = true.into()
+        });
+        let e = load(&dir).unwrap_err();
+        assert!(
+            matches!(&e, QuantizeError::Quant(QuantError::MissingTensor(n)) if n.contains("g_idx") && n.contains("desc_act")),
+            "{e}"
+        );
+        // GPTQ checkpoint_format and AWQ version we do not implement
+        let dir = write(PackedLayout::Gptq);
+        edit_config(dir.path(), |v| {
+            v["quantization_config"]["checkpoint_format"] = "marlin".into()
+        });
+        let e = load(&dir).unwrap_err();
+        assert!(
+            matches!(&e, QuantizeError::Quant(QuantError::UnsupportedOption { field, .. }) if field == "checkpoint_format"),
+            "{e}"
+        );
+        let dir = write(PackedLayout::Awq);
+        edit_config(dir.path(), |v| {
+            v["quantization_config"]["version"] = "gemv".into()
+        });
+        let e = load(&dir).unwrap_err();
+        assert!(
+            matches!(&e, QuantizeError::Quant(QuantError::UnsupportedOption { field, .. }) if field == "version"),
+            "{e}"
+        );
+        // no quantization_config at all, and a leftover tensor
+        let dir = write(PackedLayout::Gptq);
+        edit_config(dir.path(), |v| {
+            v.as_object_mut().unwrap().remove("quantization_config");
+        });
+        let e = load(&dir).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                QuantizeError::Quant(QuantError::MissingQuantConfig { .. })
+            ),
+            "{e}"
+        );
+        let dir = write(PackedLayout::Awq);
+        edit_checkpoint(dir.path(), |ts| {
+            ts.push((
+                format!("{q}.g_idx"),
+                Tensor::zeros([32], (Kind::Int, Device::Cpu)),
+            ))
+        });
+        let e = load(&dir).unwrap_err();
+        assert!(
+            matches!(&e, QuantizeError::Model(ModelError::UnexpectedTensors { names, .. }) if names == &[format!("{q}.g_idx")]),
+            "{e}"
+        );
     }
 
     #[test]

@@ -22,8 +22,17 @@ pub enum QuantError {
     Json { path: PathBuf, msg: String },
     #[error("{path}: no `quantization_config` in config.json")]
     MissingQuantConfig { path: PathBuf },
-    #[error("unsupported quantization method {0:?} (supported: gptq)")]
+    #[error("unsupported quantization method {0:?} (supported: gptq, awq)")]
     UnsupportedMethod(String),
+    /// A `quantization_config` field whose value this crate does not implement (AWQ `version`,
+    /// GPTQ `checkpoint_format`, `zero_point: false`, a quantized `lm_head`, ...).
+    #[error("{method}: unsupported {field} = {value} (supported: {supported})")]
+    UnsupportedOption {
+        method: String,
+        field: String,
+        value: String,
+        supported: String,
+    },
     #[error("{path}: {msg}")]
     Safetensors { path: PathBuf, msg: String },
     #[error("missing tensor {0}")]

@@ -9,8 +9,9 @@
 //! * [`gptq::Gptq`]: Hessian accumulation and the GPTQ column-by-column solver (tch linear algebra).
 //! * [`awq`]: AWQ's activation-aware scale search and clip search; the search results are artefacts
 //!   ([`awq::AwqScales`], [`awq::AwqClip`]) that a driver applies separately.
-//! * [`packed`]: HF GPTQ checkpoint layout (`qweight`, `qzeros`, `scales`, `g_idx`,
-//!   `quantization_config`), save and load with named errors, and conversion to the int4 CPU kernel.
+//! * [`packed`]: HF GPTQ (`checkpoint_format` gptq / gptq_v2) and AutoAWQ "gemm" checkpoint layouts
+//!   (`qweight`, `qzeros`, `scales`, `g_idx`, a typed `quantization_config`), save and load with named
+//!   errors, one in-memory form ([`packed::GptqPacked`]) and its conversion to the int4 CPU kernel.
 //!
 //! The model-level driver (calibration capture, sequential quantization) lives in `qtale-model`.
 pub mod awq;

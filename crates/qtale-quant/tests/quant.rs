@@ -1,8 +1,10 @@
-//! RTN formula, GPTQ vs RTN on correlated inputs, AWQ searches, GPTQ packed layout round trips and errors.
+//! RTN formula, GPTQ vs RTN on correlated inputs, AWQ searches, GPTQ and AWQ packed layout round trips
+//! and errors.
 use qtale_quant::awq::{search_clip, search_scales, ALPHA_GRID};
 use qtale_quant::gptq::Gptq;
 use qtale_quant::packed::{
-    read_quantization_config, save_safetensors, Checkpoint, GptqPacked, GptqQuantizationConfig,
+    read_quantization_config, save_safetensors, AwqQuantizationConfig, AwqTensors, Checkpoint,
+    GptqPacked, GptqQuantizationConfig, HfQuantizationConfig, PackedLayout, StoredLinear,
 };
 use qtale_quant::rtn::{fake_quantize, quantize_rtn};
 use qtale_quant::{QuantConfig, QuantError, WeightQuantizer};
@@ -262,11 +264,13 @@ fn gptq_layout_round_trips_and_rejects_malformed_checkpoints() {
         let norm = Tensor::randn([d], (Kind::Float, tch::Device::Cpu));
         save_safetensors(
             &st,
+            PackedLayout::Gptq,
             &[("layer.q".into(), &p)],
             &[("layer.norm".into(), &norm)],
         )
         .unwrap();
-        let qc = GptqQuantizationConfig::from_quant_config(&c);
+        let gc = GptqQuantizationConfig::from_quant_config(&c);
+        let qc = HfQuantizationConfig::from(gc.clone());
         let ck = Checkpoint::open(&st).unwrap();
         let back = ck.packed("layer.q", d as usize, out as usize, &qc).unwrap();
         assert_eq!(back, p);
@@ -280,10 +284,7 @@ fn gptq_layout_round_trips_and_rejects_malformed_checkpoints() {
             ck.packed("layer.k", d as usize, out as usize, &qc),
             Err(QuantError::MissingTensor(_))
         ));
-        let bad = GptqQuantizationConfig {
-            bits: 5,
-            ..qc.clone()
-        };
+        let bad = GptqQuantizationConfig { bits: 5, ..gc }.into();
         assert!(matches!(
             ck.packed("layer.q", d as usize, out as usize, &bad),
             Err(QuantError::UnsupportedBits(5))
@@ -295,10 +296,14 @@ fn gptq_layout_round_trips_and_rejects_malformed_checkpoints() {
     let p = GptqPacked::from_quantized(&q).unwrap();
     let st = dir.path().join("no_gidx.safetensors");
     let qw = Tensor::from_slice(&p.qweight).view([8, 32]);
-    save_safetensors(&st, &[], &[("l.qweight".into(), &qw)]).unwrap();
+    save_safetensors(&st, PackedLayout::Gptq, &[], &[("l.qweight".into(), &qw)]).unwrap();
     let ck = Checkpoint::open(&st).unwrap();
-    let qc = GptqQuantizationConfig::from_quant_config(&cfg(4, 32));
-    assert!(ck.packed("l", 64, 32, &qc).is_err());
+    let qc = GptqQuantizationConfig::from_quant_config(&cfg(4, 32)).into();
+    // (`save_safetensors` writes dense tensors as f32: the qweight has the wrong dtype)
+    assert!(matches!(
+        ck.packed("l", 64, 32, &qc),
+        Err(QuantError::TensorDtype { name, .. }) if name == "l.qweight"
+    ));
     // config.json errors
     let cj = dir.path().join("config.json");
     std::fs::write(&cj, r#"{"hidden_size": 8}"#).unwrap();
@@ -317,14 +322,220 @@ fn gptq_layout_round_trips_and_rejects_malformed_checkpoints() {
     ));
     std::fs::write(
         &cj,
-        r#"{"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}"#,
+        r#"{"quantization_config": {"quant_method": "bitsandbytes", "bits": 4}}"#,
     )
     .unwrap();
     assert!(matches!(
         read_quantization_config(&cj),
-        Err(QuantError::UnsupportedMethod(_))
+        Err(QuantError::UnsupportedMethod(m)) if m == "bitsandbytes"
     ));
     std::fs::write(&cj, r#"{"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": true}}"#).unwrap();
+    let Ok(HfQuantizationConfig::Gptq(qc)) = read_quantization_config(&cj) else {
+        panic!("a GPTQ config")
+    };
+    assert!(qc.desc_act && qc.sym && !qc.is_v2());
+    for (field, json) in [
+        ("checkpoint_format", r#""checkpoint_format": "marlin""#),
+        ("lm_head", r#""lm_head": true"#),
+    ] {
+        std::fs::write(
+            &cj,
+            format!(
+                r#"{{"quantization_config": {{"quant_method": "gptq", "bits": 4, "group_size": 128, {json}}}}}"#
+            ),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                read_quantization_config(&cj),
+                Err(QuantError::UnsupportedOption { field: f, .. }) if f == field
+            ),
+            "{field}"
+        );
+    }
+}
+
+/// A GPTQ-v2 checkpoint stores the zero points themselves; loading converts them exactly.
+#[test]
+fn gptq_v2_zero_points_load_exactly() {
+    seed(6);
+    let w = Tensor::randn([64, 128], (Kind::Float, tch::Device::Cpu));
+    let p = GptqPacked::from_quantized(&quantize_rtn(&w, &cfg(4, 32), None).unwrap()).unwrap();
+    let zeros = p.zeros(); // [n_groups, out]
+    let v2: Vec<i32> = zeros
+        .chunks_exact(p.out_features)
+        .flat_map(|row| qtale_quant::kernels::pack::pack_u32(row, 4).unwrap())
+        .map(|w| w as i32)
+        .collect();
+    assert_ne!(v2, p.qzeros);
+    let stored = |qzeros: Vec<i32>| StoredLinear {
+        qweight: Some(Tensor::from_slice(&p.qweight).view([16, 64])),
+        qzeros: Some(Tensor::from_slice(&qzeros).view([4, 8])),
+        scales: Some(
+            Tensor::from_slice(&p.scales.iter().map(|s| s.to_f32()).collect::<Vec<_>>())
+                .view([4, 64])
+                .to_kind(Kind::Half),
+        ),
+        g_idx: None,
+    };
+    let mut gc = GptqQuantizationConfig::from_quant_config(&cfg(4, 32));
+    gc.checkpoint_format = Some("gptq_v2".into());
+    let back = HfQuantizationConfig::from(gc.clone())
+        .unpack("l", 128, 64, stored(v2))
+        .unwrap();
+    assert_eq!(back, p);
+    gc.checkpoint_format = None; // absent means "gptq": stored minus one
+    let back = HfQuantizationConfig::from(gc.clone())
+        .unpack("l", 128, 64, stored(p.qzeros.clone()))
+        .unwrap();
+    assert_eq!(back, p);
+    // without g_idx only when desc_act is false
+    gc.desc_act = true;
+    assert!(matches!(
+        HfQuantizationConfig::from(gc).unpack("l", 128, 64, stored(p.qzeros.clone())),
+        Err(QuantError::MissingTensor(n)) if n.contains("l.g_idx")
+    ));
+}
+
+/// AutoAWQ "gemm" packing, written out by hand from its rule: nibble `i` of a word holds output
+/// column `[0, 2, 4, 6, 1, 3, 5, 7][i]` of its eight; `qweight[in, out / 8]`, `qzeros[groups, out / 8]`.
+#[test]
+#[allow(clippy::needless_range_loop)] // w[o, i] against the q[i][o], z[g][o] tables
+fn awq_layout_matches_the_autoawq_rule_on_known_integers() {
+    // codes q[i][o] for 8 inputs x 8 outputs, and the words AutoAWQ's packer gives for each row
+    let q: [[u8; 8]; 8] = [
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [8, 9, 10, 11, 12, 13, 14, 15],
+        [15, 14, 13, 12, 11, 10, 9, 8],
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1],
+        [3, 3, 3, 3, 3, 3, 3, 3],
+    ];
+    let words: [u32; 8] = [
+        0x7531_6420, // nibbles (low first) 0,2,4,6,1,3,5,7
+        0xFDB9_ECA8,
+        0x8ACE_9BDF,
+        0x0000_0001, // column 0 -> nibble 0
+        0x0001_0000, // column 1 -> nibble 4
+        0x0000_0010, // column 2 -> nibble 1
+        0x1000_0000, // column 7 -> nibble 7
+        0x3333_3333,
+    ];
+    // group size 4: two groups of input rows; zero points z[g][o]
+    let z: [[u8; 8]; 2] = [[8; 8], [0, 0, 0, 1, 0, 0, 0, 0]];
+    let zwords: [u32; 2] = [0x8888_8888, 0x0010_0000]; // column 3 -> nibble 5
+    let scale = |g: usize, o: usize| 0.25 * (1 + o + 8 * g) as f32; // exact in f16
+    let a = AwqTensors {
+        in_features: 8,
+        out_features: 8,
+        group_size: 4,
+        qweight: words.iter().map(|&w| w as i32).collect(),
+        qzeros: zwords.iter().map(|&w| w as i32).collect(),
+        scales: (0..2)
+            .flat_map(|g| (0..8).map(move |o| half::f16::from_f32(scale(g, o))))
+            .collect(),
+    };
+    let p = GptqPacked::from_awq(&a).unwrap();
+    let dq = p.dequantize(); // [out, in]
+    for o in 0..8 {
+        for i in 0..8 {
+            let g = i / 4;
+            let want = scale(g, o) * (q[i][o] as f32 - z[g][o] as f32);
+            let got = dq.double_value(&[o as i64, i as i64]) as f32;
+            assert_eq!(got, want, "w[{o}, {i}]");
+        }
+    }
+    // and back to exactly the same words
+    assert_eq!(p.to_awq().unwrap(), a);
+    // through a file and config.json
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("awq.safetensors");
+    save_safetensors(&st, PackedLayout::Awq, &[("l".into(), &p)], &[]).unwrap();
+    let cj = dir.path().join("config.json");
+    std::fs::write(
+        &cj,
+        r#"{"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 4, "zero_point": true, "version": "gemm"}}"#,
+    )
+    .unwrap();
     let qc = read_quantization_config(&cj).unwrap();
-    assert!(qc.desc_act && qc.sym);
+    assert!(matches!(qc, HfQuantizationConfig::Awq(_)));
+    let ck = Checkpoint::open(&st).unwrap();
+    let mut names = ck.names();
+    names.sort();
+    assert_eq!(names, ["l.qweight", "l.qzeros", "l.scales"]);
+    let qw = ck.tensor("l.qweight").unwrap().unwrap();
+    assert_eq!(qw.size(), [8, 1]);
+    assert_eq!(qw.int64_value(&[1, 0]) as i32, 0xFDB9_ECA8u32 as i32);
+    assert_eq!(ck.packed("l", 8, 8, &qc).unwrap(), p);
+}
+
+#[test]
+fn awq_layout_round_trips_and_rejects_malformed_checkpoints() {
+    seed(7);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, d) = (48i64, 128i64);
+    let w = Tensor::randn([out, d], (Kind::Float, tch::Device::Cpu));
+    let c = cfg(4, 32);
+    let p = GptqPacked::from_quantized(&quantize_rtn(&w, &c, None).unwrap()).unwrap();
+    let a = p.to_awq().unwrap();
+    assert_eq!((a.qweight.len(), a.qzeros.len()), (128 * 6, 4 * 6));
+    assert_eq!(GptqPacked::from_awq(&a).unwrap(), p);
+    let st = dir.path().join("m.safetensors");
+    save_safetensors(&st, PackedLayout::Awq, &[("layer.q".into(), &p)], &[]).unwrap();
+    let qc: HfQuantizationConfig = AwqQuantizationConfig::from_quant_config(&c).unwrap().into();
+    let ck = Checkpoint::open(&st).unwrap();
+    let back = ck.packed("layer.q", d as usize, out as usize, &qc).unwrap();
+    assert_eq!(back, p);
+    assert!(back.dequantize().equal(&p.dequantize()));
+    // wrong expected shape, missing tensor
+    assert!(matches!(
+        ck.packed("layer.q", d as usize, 64, &qc),
+        Err(QuantError::TensorShape { name, .. }) if name == "layer.q.qweight"
+    ));
+    assert!(matches!(
+        ck.packed("layer.k", d as usize, out as usize, &qc),
+        Err(QuantError::MissingTensor(n)) if n.contains("layer.k.qweight")
+    ));
+    // AWQ is 4-bit only, groups in order, and needs grouped configs
+    assert!(matches!(
+        AwqQuantizationConfig::from_quant_config(&cfg(3, 32)),
+        Err(QuantError::UnsupportedBits(3))
+    ));
+    let w3 = Tensor::randn([64, d], (Kind::Float, tch::Device::Cpu));
+    let p3 = GptqPacked::from_quantized(&quantize_rtn(&w3, &cfg(3, 32), None).unwrap()).unwrap();
+    assert!(matches!(p3.to_awq(), Err(QuantError::UnsupportedBits(3))));
+    let mut shuffled = p.clone();
+    shuffled.g_idx.swap(0, 127);
+    assert!(matches!(
+        shuffled.to_awq(),
+        Err(QuantError::UnsupportedOption { field, .. }) if field == "g_idx"
+    ));
+    let cj = dir.path().join("config.json");
+    for (json, check) in [
+        (
+            r#""bits": 4, "group_size": 128, "version": "gemv""#,
+            "version",
+        ),
+        (
+            r#""bits": 4, "group_size": 128, "zero_point": false"#,
+            "zero_point",
+        ),
+        (r#""bits": 8, "group_size": 128"#, "bits"),
+    ] {
+        std::fs::write(
+            &cj,
+            format!(r#"{{"quantization_config": {{"quant_method": "awq", {json}}}}}"#),
+        )
+        .unwrap();
+        let r = read_quantization_config(&cj);
+        match check {
+            "bits" => assert!(matches!(r, Err(QuantError::UnsupportedBits(8)))),
+            f => assert!(
+                matches!(&r, Err(QuantError::UnsupportedOption { field, .. }) if field == f),
+                "{f}: {r:?}"
+            ),
+        }
+    }
 }
