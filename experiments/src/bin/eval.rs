@@ -109,18 +109,7 @@ fn main() -> Result<()> {
         lm.model.weight_bytes() as f64 / 1e6,
         t0.elapsed().as_secs_f64()
     );
-    let bos_id = cfg.bos_token_id.map(i64::from);
-    let prefix_id = bos_id
-        .or(cfg.eos_token_id.map(i64::from))
-        .context("the model has neither a BOS nor an EOS token id (needed as prefix token)")?;
-    let enc = EncodeConfig {
-        add_bos: args.bos,
-        bos_id,
-        prefix_id,
-    };
-    if args.bos && bos_id.is_none() {
-        bail!("--bos given but the model has no BOS token id");
-    }
+    let enc = EncodeConfig::for_model(cfg, args.bos)?;
 
     let mut scorer = LmScorer::new(&lm.model, args.batch_size);
     scorer.share_context = !args.no_share_context;
@@ -178,7 +167,7 @@ fn main() -> Result<()> {
         let ids = qtale_eval::encode::encode(&lm.tokenizer, &text)?;
         let wc = WindowConfig {
             window: args.ppl_window,
-            bos: if args.bos { bos_id } else { None },
+            bos: if args.bos { enc.bos_id } else { None },
             max_windows: args.ppl_max_windows,
         };
         let r = perplexity(&lm.model, &ids, &wc)?;
