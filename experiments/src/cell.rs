@@ -546,23 +546,36 @@ fn stage_quant(
             .with_context(|| format!("loading quantized weights from {}", dir.display()))?;
         return read_json(&done);
     }
-    let calib = qtale_model::corpus::calibration_windows(
-        &lm.tokenizer,
-        spec.calib_sequences,
-        spec.calib_len,
-    )?;
-    ensure!(
-        !calib.is_empty(),
-        "no calibration text (run `bash scripts/setup.sh`)"
-    );
+    // RTN needs no calibration data.
+    let calib = if method == Method::Rtn {
+        Vec::new()
+    } else {
+        let c = qtale_model::corpus::calibration_windows(
+            &lm.tokenizer,
+            spec.calib_sequences,
+            spec.calib_len,
+        )?;
+        ensure!(
+            !c.is_empty(),
+            "no calibration text (run `bash scripts/setup.sh`)"
+        );
+        c
+    };
     if !env.quiet {
+        let on = if calib.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " on {} x {} calibration tokens",
+                calib.len(),
+                spec.calib_len
+            )
+        };
         println!(
-            "quantize: {} {}-bit group {} on {} x {} calibration tokens",
+            "quantize: {} {}-bit group {}{on}",
             method.name(),
             qc.bits,
-            qc.group_size,
-            calib.len(),
-            spec.calib_len
+            qc.group_size
         );
     }
     let mut opts = QuantizeOptions::new(method, qc.clone());
