@@ -1,4 +1,11 @@
-//! Shared helpers of the experiment binaries.
+//! Shared helpers of the experiment binaries: the training step ([`training`]), one experiment cell as
+//! a resumable, config-keyed job ([`cell`]), grids of cells from config files with tables and CSVs
+//! ([`grid`]), and plots ([`plot`]).
+pub mod cell;
+pub mod grid;
+pub mod plot;
+pub mod training;
+
 use anyhow::{Context, Result};
 use qtale_model::load::{default_gguf_path, parse_device, parse_dtype};
 use qtale_model::{load_model, LoadedModel, ModelSource};
@@ -8,9 +15,9 @@ use qtale_model::{load_model, LoadedModel, ModelSource};
 /// SmolLM2-135M-Instruct, no BOS), so the printed number can be checked against a reference.
 pub const PARAGRAPH: &str = "The river runs through the middle of the town, and most of the old houses were built close to its banks. In the spring, when the snow melts in the mountains, the water rises quickly and sometimes floods the lower streets. For this reason, the town council decided many years ago to build a stone wall along the river. Today the wall is a popular place for people to walk in the evening, and children often sit on it to watch the boats go by. Visitors who come to the town in summer can rent a small boat and row up the river to the lake, where there is a quiet beach and a restaurant that serves fresh fish.";
 
-/// Resolve `--model` (empty = the default SmolLM2 GGUF from the set-up), `--device` and `--dtype`, then load.
-pub fn load_from_args(model: Option<&str>, device: &str, dtype: &str) -> Result<LoadedModel> {
-    let src = match model {
+/// Resolve `--model`: a GGUF path, HF directory or hub id; `None` = the set-up's SmolLM2 GGUF.
+pub fn model_source(model: Option<&str>) -> Result<ModelSource> {
+    Ok(match model {
         Some(m) => ModelSource::parse(m)?,
         None => {
             let p = default_gguf_path();
@@ -21,7 +28,12 @@ pub fn load_from_args(model: Option<&str>, device: &str, dtype: &str) -> Result<
             );
             ModelSource::Gguf(p)
         }
-    };
+    })
+}
+
+/// Resolve `--model` (see [`model_source`]), `--device` and `--dtype`, then load.
+pub fn load_from_args(model: Option<&str>, device: &str, dtype: &str) -> Result<LoadedModel> {
+    let src = model_source(model)?;
     let device = parse_device(device)?;
     let kind = parse_dtype(dtype, device)?;
     load_model(&src, device, kind).with_context(|| format!("loading {src}"))

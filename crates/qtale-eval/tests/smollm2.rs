@@ -216,7 +216,10 @@ fn routed_decoder_skipping_layers_equals_removing_them() {
             for (a, b) in got.docs.iter().zip(&want.docs) {
                 assert_eq!((a.pred, a.pred_norm), (b.pred, b.pred_norm), "{task:?}");
                 for (x, y) in a.lls.iter().zip(&b.lls) {
-                    assert!((x - y).abs() < 1e-3, "{task:?} bs {bs} share {share}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() < 1e-3,
+                        "{task:?} bs {bs} share {share}: {x} vs {y}"
+                    );
                 }
             }
             let e = &got.efficiency;

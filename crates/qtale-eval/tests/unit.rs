@@ -471,3 +471,42 @@ fn malformed_rows_name_file_row_and_field() {
     .to_string();
     assert!(e.contains("none.arrow"), "{e}");
 }
+
+#[test]
+fn data_files_resolve_from_the_hub_dataset_cache() {
+    use qtale_eval::tasks::resolve_data_file_in;
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("datasets--allenai--ai2_arc");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit).join("ARC-Easy");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let f = snap.join("test-00000-of-00001.parquet");
+    std::fs::write(&f, b"PAR1").unwrap();
+    let cache = hf_hub::Cache::new(d.path().to_path_buf());
+    // A file, a directory with one parquet file, a commit revision; plain paths pass through.
+    let want = std::fs::canonicalize(&f).unwrap();
+    for spec in [
+        "hub:allenai/ai2_arc/ARC-Easy/test-00000-of-00001.parquet",
+        "hub:allenai/ai2_arc/ARC-Easy",
+        &format!("hub:allenai/ai2_arc@{commit}/ARC-Easy"),
+    ] {
+        let got = resolve_data_file_in(&cache, spec).unwrap();
+        assert_eq!(std::fs::canonicalize(got).unwrap(), want, "{spec}");
+    }
+    assert_eq!(
+        resolve_data_file_in(&cache, "/x/y.parquet").unwrap(),
+        std::path::PathBuf::from("/x/y.parquet")
+    );
+    // Errors name what is missing.
+    std::fs::write(snap.join("train-00000-of-00001.parquet"), b"PAR1").unwrap();
+    let e = resolve_data_file_in(&cache, "hub:allenai/ai2_arc/ARC-Easy").unwrap_err();
+    assert!(e.to_string().contains("2 parquet files"), "{e}");
+    let e = resolve_data_file_in(&cache, "hub:allenai/ai2_arc/ARC-Hard/test.parquet").unwrap_err();
+    assert!(e.to_string().contains("ARC-Hard/test.parquet"), "{e}");
+    let e = resolve_data_file_in(&cache, "hub:allenai/piqa/x.parquet").unwrap_err();
+    assert!(e.to_string().contains("allenai/piqa"), "{e}");
+    let e = resolve_data_file_in(&cache, "hub:allenai").unwrap_err();
+    assert!(e.to_string().contains("OWNER/NAME"), "{e}");
+}

@@ -353,11 +353,16 @@ pub fn gguf_hf_tensors(g: &GgufFile, cfg: &LlamaConfig) -> Result<Vec<HfTensor>>
 /// project runs on reach no hub): a file missing from the cache is an error naming it, and saying
 /// whether `HF_HUB_OFFLINE` was set. Fill the cache with `huggingface-cli download REPO`.
 pub fn resolve_hub_repo(repo_id: &str, revision: Option<&str>, files: &[&str]) -> Result<PathBuf> {
-    let cache = match std::env::var_os("HF_HUB_CACHE") {
+    resolve_hub_repo_in(&hub_cache(), repo_id, revision, files)
+}
+
+/// The hub cache of the environment (`HF_HUB_CACHE`, else hf-hub's rule: `HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`).
+pub fn hub_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
         Some(p) => hf_hub::Cache::new(PathBuf::from(p)),
         None => hf_hub::Cache::from_env(),
-    };
-    resolve_hub_repo_in(&cache, repo_id, revision, files)
+    }
 }
 
 /// [`resolve_hub_repo`] against an explicit cache (tests point this at a directory laid out like the hub's).
@@ -367,11 +372,23 @@ pub fn resolve_hub_repo_in(
     revision: Option<&str>,
     files: &[&str],
 ) -> Result<PathBuf> {
-    use hf_hub::{Repo, RepoType};
+    resolve_hub_snapshot_in(cache, hf_hub::RepoType::Model, repo_id, revision, files)
+}
+
+/// The snapshot directory of a model or dataset repo in the hub cache (`refs/<rev>` or a commit
+/// hash), checking that `files` are in it. Cache-only: nothing is downloaded.
+pub fn resolve_hub_snapshot_in(
+    cache: &hf_hub::Cache,
+    repo_type: hf_hub::RepoType,
+    repo_id: &str,
+    revision: Option<&str>,
+    files: &[&str],
+) -> Result<PathBuf> {
+    use hf_hub::Repo;
     let rev = revision.unwrap_or("main");
     let repo_dir = cache
         .path()
-        .join(Repo::new(repo_id.to_string(), RepoType::Model).folder_name());
+        .join(Repo::new(repo_id.to_string(), repo_type).folder_name());
     let is_commit = rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit());
     let snapshot = if is_commit && repo_dir.join("snapshots").join(rev).is_dir() {
         repo_dir.join("snapshots").join(rev)

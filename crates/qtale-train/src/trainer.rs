@@ -42,8 +42,11 @@ pub struct TrainConfig {
     pub ratio_target: f64,
     /// Final lambda_1 (D-LLM: 5).
     pub lambda_ratio: f64,
-    /// Steps over which lambda_1 ramps from 0 (sine); default: the whole run.
+    /// Steps over which lambda_1 ramps from 0 (sine); default: `lambda_ratio_ramp_fraction` of the run.
     pub lambda_ratio_ramp_steps: Option<usize>,
+    /// Fraction of `steps` over which lambda_1 ramps when `lambda_ratio_ramp_steps` is not set (1 = the
+    /// whole run; short CPU runs use a faster ramp so the ratio reaches its target).
+    pub lambda_ratio_ramp_fraction: f64,
     /// lambda_2 of the entropy term (0 = D-LLM).
     pub lambda_entropy: f64,
     /// Gumbel temperature at the start and end of training (linear in between).
@@ -89,6 +92,7 @@ impl TrainConfig {
             ratio_target: 0.5,
             lambda_ratio: 5.0,
             lambda_ratio_ramp_steps: None,
+            lambda_ratio_ramp_fraction: 1.0,
             lambda_entropy: 0.0,
             temperature_start: 1.0,
             temperature_end: 1.0,
@@ -112,6 +116,13 @@ impl TrainConfig {
                 format!("unknown `{other}` (dllm or qtale)"),
             )),
         }
+    }
+
+    /// Steps of the lambda_1 ramp.
+    pub fn ramp_steps(&self) -> usize {
+        self.lambda_ratio_ramp_steps.unwrap_or_else(|| {
+            ((self.steps as f64 * self.lambda_ratio_ramp_fraction).ceil() as usize).max(1)
+        })
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -158,6 +169,12 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.min_lr_factor) {
             return Err(config_err("min_lr_factor", "must be in [0, 1]"));
+        }
+        if !(self.lambda_ratio_ramp_fraction > 0.0 && self.lambda_ratio_ramp_fraction <= 1.0) {
+            return Err(config_err(
+                "lambda_ratio_ramp_fraction",
+                format!("{} must be in (0, 1]", self.lambda_ratio_ramp_fraction),
+            ));
         }
         for (f, v) in [
             ("temperature_start", self.temperature_start),
@@ -555,7 +572,7 @@ impl<'a> Trainer<'a> {
             total: self.cfg.steps,
             min_factor: self.cfg.min_lr_factor,
         };
-        let ramp = self.cfg.lambda_ratio_ramp_steps.unwrap_or(self.cfg.steps);
+        let ramp = self.cfg.ramp_steps();
         let log_path = self.out_dir.join("train_log.jsonl");
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -971,6 +988,46 @@ mod tests {
         assert!(q.val_diag.logit_gap < d.val_diag.logit_gap, "logit gap");
         assert!(q.val_diag.flip_rate > d.val_diag.flip_rate, "flip rate");
         assert!(d.lora_path.exists() && d.router_path.exists());
+    }
+
+    /// The KD term is KL(dense || routed) per real token (checked against torch's `kl_div`), zero when
+    /// the teacher is the routed model itself, and it enters the total with `kd_weight`.
+    #[test]
+    fn kd_term_is_the_token_mean_kl_to_the_dense_logits() {
+        let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(3);
+        let model = tiny_model(2);
+        let mut cfg = small_cfg("dllm");
+        cfg.kd_weight = 0.7;
+        let router = DllmRouter::new(&cfg.routing, 64, 8, tch::Device::Cpu, 5).unwrap();
+        let r = routed(&model, &router, &cfg.routing, 1.0);
+        let data = counting_data(3, 12, 0);
+        let refs: Vec<&Example> = data.iter().collect();
+        let b = collate(&refs, tch::Device::Cpu);
+        let out = train_forward(&r, &b).unwrap();
+        let dense = model
+            .forward(&b.ids, Some(&b.attention_mask))
+            .unwrap()
+            .logits;
+        let p = loss_parts(&out, &b, &cfg, 2.0, Some(&dense));
+        let lp = out.logits.log_softmax(-1, Kind::Float);
+        let lq = dense.log_softmax(-1, Kind::Float);
+        let kl = lp
+            .kl_div(&lq, tch::Reduction::None, true)
+            .sum_dim_intlist(-1, false, Kind::Float);
+        let m = b.attention_mask.to_kind(Kind::Float);
+        let want = ((kl * &m).sum(Kind::Float) / m.sum(Kind::Float)).double_value(&[]);
+        let got = p.kd.as_ref().unwrap().double_value(&[]);
+        assert!(want > 1e-4, "routed and dense differ, KL {want}");
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        let parts = p.ce.double_value(&[])
+            + 2.0 * p.ratio.double_value(&[])
+            + cfg.lambda_entropy * p.entropy.double_value(&[])
+            + 0.7 * got;
+        assert!((p.total.double_value(&[]) - parts).abs() < 1e-4);
+        let same = loss_parts(&out, &b, &cfg, 2.0, Some(&out.logits.detach()));
+        assert!(same.kd.unwrap().double_value(&[]).abs() < 1e-6);
+        assert!(loss_parts(&out, &b, &cfg, 2.0, None).kd.is_none());
     }
 }
 

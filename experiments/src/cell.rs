@@ -1,0 +1,956 @@
+//! One experiment cell (model x training recipe x quantizer x bits x theta rule x tasks) as an
+//! independent, resumable job, keyed by its configuration.
+//!
+//! QTALE's order of operations (method.md section 2.3): fine-tune LoRA + routers -> merge LoRA ->
+//! weight-only PTQ of the block linears -> choose theta on calibration data -> evaluate. Each stage
+//! writes its artefact under `cache/<stage>/<key>/` where `key` hashes everything the stage depends
+//! on, so cells that share a stage (the dense-quant row and QTALE's theta reference, two theta rules
+//! of one trained router) compute it once, an interrupted training run resumes from its checkpoint,
+//! and independent processes (Slurm array tasks) can share a cache directory. A finished cell is
+//! `out/cells/<key>.json`; rerunning skips it.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
+use qtale_eval::ppl::{perplexity, WindowConfig};
+use qtale_eval::report::{git_state, model_hash, utc_now};
+use qtale_eval::run::{evaluate_task, TaskResult};
+use qtale_eval::{load_task, Decoder, EncodeConfig, LmScorer, RoutedDecoder, TaskId};
+use qtale_model::quantize::{
+    load_quantized, quantize_model, save_quantized, Method, QuantizeOptions,
+};
+use qtale_model::{Llama, LoadedModel, ModelSource};
+use qtale_quant::QuantConfig;
+use qtale_router::{
+    calibrate_grid, calibrate_ratio, measure, BisectOptions, CalibBatch, DllmRouter,
+    ForwardOptions, Mode, RoutedLlama, ThetaReport,
+};
+use qtale_train::lora::Lora;
+use qtale_train::trainer::TrainConfig;
+
+use crate::training::{run_training, DataSpec, TrainOutcome};
+
+/// Fine-tuning of routers + LoRA: a preset of `qtale_train` with field overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// `dllm` or `qtale`.
+    pub preset: String,
+    /// Any fields of `TrainConfig` (e.g. `steps`, `lambda_entropy`, `ratio_target`, `routing.hidden`).
+    #[serde(default)]
+    pub config: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub data: DataSpec,
+}
+
+impl TrainSpec {
+    /// The preset with the overrides merged in; unknown fields and bad values are errors.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let base = TrainConfig::preset(&self.preset)?;
+        let mut v = serde_json::to_value(&base)?;
+        merge_json(&mut v, &Value::Object(self.config.clone()));
+        let cfg: TrainConfig = serde_json::from_value(v).context("train.config")?;
+        cfg.validate()?;
+        self.data.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Weight-only PTQ of the block linears.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantSpec {
+    /// rtn, gptq or awq.
+    pub method: String,
+    pub bits: u32,
+    /// Input columns per group; default: 128 where it divides every linear's input size, else 64,
+    /// else 32 (method.md section 3).
+    #[serde(default)]
+    pub group_size: Option<usize>,
+    /// Other `QuantConfig` fields (sym, act_order, static_groups, damp_percent, mse_clip, ...).
+    #[serde(default)]
+    pub config: serde_json::Map<String, Value>,
+    /// Calibration windows (CoQA + SQuAD text) and their length.
+    #[serde(default = "default_calib_sequences")]
+    pub calib_sequences: usize,
+    #[serde(default = "default_calib_len")]
+    pub calib_len: usize,
+}
+
+fn default_calib_sequences() -> usize {
+    128
+}
+fn default_calib_len() -> usize {
+    512
+}
+
+impl QuantSpec {
+    /// Check everything that does not depend on the model.
+    pub fn validate(&self) -> Result<()> {
+        self.config_for(self.group_size.unwrap_or(32)).map(|_| ())
+    }
+
+    pub fn resolve(&self, model: &Llama) -> Result<(Method, QuantConfig)> {
+        let c = &model.config;
+        let group = match self.group_size {
+            Some(g) => g,
+            None => [128, 64, 32]
+                .into_iter()
+                .find(|g| {
+                    c.hidden_size.is_multiple_of(*g) && c.intermediate_size.is_multiple_of(*g)
+                })
+                .unwrap_or(0),
+        };
+        self.config_for(group)
+    }
+
+    fn config_for(&self, group: usize) -> Result<(Method, QuantConfig)> {
+        let method: Method = self
+            .method
+            .parse()
+            .with_context(|| format!("quant.method `{}`", self.method))?;
+        let mut v = serde_json::to_value(QuantConfig::new(self.bits, group)?)?;
+        merge_json(&mut v, &Value::Object(self.config.clone()));
+        let qc: QuantConfig = serde_json::from_value(v).context("quant.config")?;
+        qc.validate()?;
+        ensure!(
+            self.calib_sequences >= 1 && self.calib_len >= 16,
+            "quant.calib_sequences must be >= 1 and quant.calib_len >= 16"
+        );
+        Ok((method, qc))
+    }
+
+    /// A short label, e.g. `gptq-w4g64`.
+    pub fn label(&self) -> String {
+        match self.group_size {
+            Some(g) => format!("{}-w{}g{g}", self.method, self.bits),
+            None => format!("{}-w{}", self.method, self.bits),
+        }
+    }
+}
+
+/// How the inference threshold theta is chosen (QTALE's post-training execution-ratio adjustment).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ThetaRule {
+    /// A fixed threshold (D-LLM's 0.5: execute when p_exec >= 0.5).
+    Fixed { theta: f64 },
+    /// Rule (a): bisection to an execution ratio on the calibration windows.
+    Ratio {
+        target: f64,
+        #[serde(default = "default_ratio_tol")]
+        tol: f64,
+    },
+    /// Rule (b): the smallest execution ratio on `grid` whose calibration loss (mean NLL, nats) is
+    /// within `tolerance` of the dense model with the same quantization.
+    Tolerance {
+        tolerance: f64,
+        #[serde(default = "default_grid")]
+        grid: Vec<f64>,
+    },
+}
+
+fn default_ratio_tol() -> f64 {
+    0.01
+}
+fn default_grid() -> Vec<f64> {
+    vec![0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+}
+
+impl ThetaRule {
+    fn validate(&self) -> Result<()> {
+        match self {
+            ThetaRule::Fixed { theta } => {
+                ensure!(
+                    (0.0..=1.0).contains(theta),
+                    "theta.theta {theta} not in [0, 1]"
+                )
+            }
+            ThetaRule::Ratio { target, tol } => ensure!(
+                (0.0..=1.0).contains(target) && *tol > 0.0,
+                "theta.target {target} must be in [0, 1] and theta.tol {tol} > 0"
+            ),
+            ThetaRule::Tolerance { tolerance, grid } => ensure!(
+                *tolerance >= 0.0
+                    && !grid.is_empty()
+                    && grid.iter().all(|t| (0.0..=1.0).contains(t)),
+                "theta.tolerance must be >= 0 and theta.grid a non-empty list of values in [0, 1]"
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Calibration windows for theta (non-evaluation text: CoQA + SQuAD).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CalibSpec {
+    pub sequences: usize,
+    pub len: usize,
+}
+
+impl Default for CalibSpec {
+    fn default() -> Self {
+        CalibSpec {
+            sequences: 8,
+            len: 256,
+        }
+    }
+}
+
+/// What is scored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSpec {
+    /// Task list or group (csqa7, core8, all), as the `eval` binary's `--tasks`.
+    pub tasks: String,
+    /// First N docs of each task (None: all).
+    pub limit: Option<usize>,
+    pub batch_size: usize,
+    /// Perplexity on LAMBADA passages (held out from calibration and training): windows x length;
+    /// 0 windows skips it.
+    pub ppl_windows: usize,
+    pub ppl_len: usize,
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        EvalSpec {
+            tasks: "csqa7".into(),
+            limit: None,
+            batch_size: 16,
+            ppl_windows: 4,
+            ppl_len: 512,
+        }
+    }
+}
+
+/// One cell. `name` is a label; everything else defines the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellConfig {
+    pub name: String,
+    /// GGUF path, HF directory or hub id; `None`: the set-up's SmolLM2 GGUF.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Routers + LoRA fine-tuning; `None`: the dense model.
+    #[serde(default)]
+    pub train: Option<TrainSpec>,
+    #[serde(default)]
+    pub quant: Option<QuantSpec>,
+    /// Only for routed cells; default: fixed 0.5.
+    #[serde(default)]
+    pub theta: Option<ThetaRule>,
+    #[serde(default)]
+    pub calib: CalibSpec,
+    #[serde(default)]
+    pub eval: EvalSpec,
+}
+
+impl CellConfig {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(t) = &self.train {
+            t.resolve()
+                .with_context(|| format!("cell `{}`: train", self.name))?;
+        }
+        if let Some(q) = &self.quant {
+            q.validate()
+                .with_context(|| format!("cell `{}`: quant", self.name))?;
+        }
+        if let Some(r) = &self.theta {
+            ensure!(
+                self.train.is_some(),
+                "cell `{}`: a theta rule needs a routed model (a `train` section)",
+                self.name
+            );
+            r.validate()?;
+        }
+        ensure!(
+            self.calib.sequences >= 1 && self.calib.len >= 16,
+            "cell `{}`: calib.sequences must be >= 1 and calib.len >= 16",
+            self.name
+        );
+        ensure!(
+            self.eval.batch_size >= 1,
+            "cell `{}`: eval.batch_size must be >= 1",
+            self.name
+        );
+        TaskId::parse_list(&self.eval.tasks)?;
+        Ok(())
+    }
+
+    pub fn theta_rule(&self) -> Option<ThetaRule> {
+        self.train.as_ref().map(|_| {
+            self.theta
+                .clone()
+                .unwrap_or(ThetaRule::Fixed { theta: 0.5 })
+        })
+    }
+}
+
+/// Deep-merge `over` into `base` (objects merge key by key; anything else replaces).
+pub fn merge_json(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(slot) if slot.is_object() && v.is_object() => merge_json(slot, v),
+                    _ => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+/// First 16 hex digits of the sha256 of a value's JSON.
+pub fn key_of<T: Serialize>(v: &T) -> String {
+    let s = serde_json::to_string(v).expect("serializable");
+    let h = Sha256::digest(s.as_bytes());
+    h.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where a run keeps things and how it computes.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub device: Device,
+    /// Stage artefacts (trained routers, quantized weights), shared between cells and runs.
+    pub cache: PathBuf,
+    /// Results (`cells/<key>.json`, tables, plots).
+    pub out: PathBuf,
+    /// Recompute stages and cells even when cached.
+    pub fresh: bool,
+    /// Task data root.
+    pub data_root: PathBuf,
+    pub quiet: bool,
+}
+
+impl Env {
+    pub fn cell_path(&self, key: &str) -> PathBuf {
+        self.out.join("cells").join(format!("{key}.json"))
+    }
+}
+
+/// One task's numbers in a cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRow {
+    pub task: String,
+    pub n: usize,
+    pub acc: f64,
+    pub acc_stderr: f64,
+    pub acc_norm: Option<f64>,
+    pub acc_norm_stderr: Option<f64>,
+    /// lm-eval's headline metric of the task (acc_norm where reported, else acc).
+    pub score: f64,
+    pub score_stderr: f64,
+    pub exec_ratio: Option<f64>,
+    pub flops_rel_dense: f64,
+    pub wall_s: f64,
+    pub docs_per_s: f64,
+    pub tokens_processed: usize,
+}
+
+impl TaskRow {
+    fn from(r: &TaskResult) -> Self {
+        let m = &r.metrics;
+        let (score, score_stderr) = match (r.task.headline_metric(), m.acc_norm) {
+            (qtale_eval::tasks::Metric::AccNorm, Some(n)) => (n.mean, n.stderr),
+            _ => (m.acc.mean, m.acc.stderr),
+        };
+        TaskRow {
+            task: r.task.name().to_string(),
+            n: m.n,
+            acc: m.acc.mean,
+            acc_stderr: m.acc.stderr,
+            acc_norm: m.acc_norm.map(|x| x.mean),
+            acc_norm_stderr: m.acc_norm.map(|x| x.stderr),
+            score,
+            score_stderr,
+            exec_ratio: r.efficiency.exec_ratio,
+            flops_rel_dense: r.efficiency.flops_rel_dense.unwrap_or(1.0),
+            wall_s: r.efficiency.wall_s,
+            docs_per_s: r.efficiency.docs_per_s,
+            tokens_processed: r.efficiency.tokens_processed,
+        }
+    }
+}
+
+/// Quantization stage outcome (`done.json` of its directory).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuantOutcome {
+    pub method: String,
+    pub config: QuantConfig,
+    pub bits_per_weight: f64,
+    pub seconds: f64,
+    pub calib_sequences: usize,
+    pub calib_len: usize,
+}
+
+/// A finished cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellResult {
+    pub key: String,
+    pub name: String,
+    pub config: CellConfig,
+    pub model_source: String,
+    pub model_hash: Option<String>,
+    pub train: Option<TrainOutcome>,
+    pub quant: Option<QuantOutcome>,
+    pub theta: Option<ThetaReport>,
+    /// Calibration-window mean NLL of the routed model at the chosen theta and of its dense reference.
+    pub calib_nll: Option<f64>,
+    pub calib_nll_reference: Option<f64>,
+    pub tasks: Vec<TaskRow>,
+    /// CSQA-7 average of the headline metrics and its standard error (`sqrt(sum se^2) / 7`).
+    pub csqa7: Option<f64>,
+    pub csqa7_stderr: Option<f64>,
+    pub ppl: Option<f64>,
+    /// Execution ratio and FLOPs vs dense over all scored tokens (token-weighted over tasks).
+    pub exec_ratio: Option<f64>,
+    pub flops_rel_dense: f64,
+    /// Weights as stored (packed linears + dense rest + routers).
+    pub weight_bytes: usize,
+    pub git_revision: Option<String>,
+    pub git_dirty: Option<bool>,
+    pub date_utc: String,
+    pub wall_s: f64,
+}
+
+impl CellResult {
+    pub fn task(&self, name: &str) -> Option<&TaskRow> {
+        self.tasks.iter().find(|t| t.task == name)
+    }
+    pub fn theta(&self) -> Option<f64> {
+        self.theta
+            .as_ref()
+            .and_then(|t| t.chosen.as_ref())
+            .map(|p| p.theta)
+    }
+}
+
+fn write_json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The model a cell starts from, and its identity for the stage keys.
+struct Base {
+    src: ModelSource,
+    hash: Option<String>,
+}
+
+/// Model hashes by source, so listing a grid hashes each model file once.
+static HASHES: Mutex<Option<HashMap<String, Option<String>>>> = Mutex::new(None);
+
+impl Base {
+    fn new(model: Option<&str>) -> Result<Self> {
+        let src = crate::model_source(model)?;
+        let mut g = HASHES.lock().expect("hash memo");
+        let memo = g.get_or_insert_with(HashMap::new);
+        let hash = memo
+            .entry(src.to_string())
+            .or_insert_with(|| model_hash(&src))
+            .clone();
+        Ok(Base { src, hash })
+    }
+    fn id(&self) -> Value {
+        serde_json::json!({"source": self.src.to_string(), "sha256": self.hash})
+    }
+    fn load(&self, device: Device) -> Result<LoadedModel> {
+        qtale_model::load_model(&self.src, device, Kind::Float)
+            .with_context(|| format!("loading {}", self.src))
+    }
+}
+
+fn train_key(base: &Base, spec: &TrainSpec) -> Result<String> {
+    Ok(key_of(&serde_json::json!({
+        "stage": "train", "model": base.id(), "config": spec.resolve()?, "data": spec.data,
+    })))
+}
+
+/// Run (or reuse, or resume) the training stage.
+fn stage_train(base: &Base, spec: &TrainSpec, env: &Env) -> Result<(PathBuf, TrainOutcome)> {
+    let dir = env.cache.join("train").join(train_key(base, spec)?);
+    let done = dir.join("done.json");
+    if done.is_file() && !env.fresh {
+        return Ok((dir.clone(), read_json(&done)?));
+    }
+    if env.fresh && dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let mut lm = base.load(env.device)?;
+    let out = run_training(
+        &mut lm.model,
+        &lm.tokenizer,
+        spec.resolve()?,
+        &spec.data,
+        &dir,
+        env.quiet,
+    )?;
+    write_json_atomic(&done, &out)?;
+    Ok((dir, out))
+}
+
+/// The dense model of a cell: the base, with the trained LoRA merged when `train` is given.
+fn merged_model(
+    base: &Base,
+    train: Option<(&Path, &TrainConfig)>,
+    env: &Env,
+) -> Result<LoadedModel> {
+    let mut lm = base.load(env.device)?;
+    if let Some((dir, cfg)) = train {
+        let mut lora = Lora::attach(&mut lm.model, cfg.lora.clone(), 0)?;
+        lora.load(&dir.join("lora.safetensors"))?;
+        lora.merge(&mut lm.model);
+    }
+    Ok(lm)
+}
+
+/// Quantize `lm` in place (or load the cached result keyed by `parent` + spec).
+fn stage_quant(
+    lm: &mut LoadedModel,
+    parent: &Value,
+    spec: &QuantSpec,
+    env: &Env,
+) -> Result<QuantOutcome> {
+    let (method, qc) = spec.resolve(&lm.model)?;
+    let key = key_of(
+        &serde_json::json!({"stage": "quant", "parent": parent, "method": method.name(),
+        "config": qc, "calib": [spec.calib_sequences, spec.calib_len]}),
+    );
+    let dir = env.cache.join("quant").join(key);
+    let done = dir.join("done.json");
+    if done.is_file() && !env.fresh {
+        load_quantized(&mut lm.model, &dir, true)
+            .with_context(|| format!("loading quantized weights from {}", dir.display()))?;
+        return read_json(&done);
+    }
+    // RTN needs no calibration data.
+    let calib = if method == Method::Rtn {
+        Vec::new()
+    } else {
+        let c = qtale_model::corpus::calibration_windows(
+            &lm.tokenizer,
+            spec.calib_sequences,
+            spec.calib_len,
+        )?;
+        ensure!(
+            !c.is_empty(),
+            "no calibration text (run `bash scripts/setup.sh`)"
+        );
+        c
+    };
+    if !env.quiet {
+        let on = if calib.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " on {} x {} calibration tokens",
+                calib.len(),
+                spec.calib_len
+            )
+        };
+        println!(
+            "quantize: {} {}-bit group {}{on}",
+            method.name(),
+            qc.bits,
+            qc.group_size
+        );
+    }
+    let mut opts = QuantizeOptions::new(method, qc.clone());
+    opts.cache_dense = true;
+    let summary = quantize_model(&mut lm.model, &calib, &opts)?;
+    save_quantized(&lm.model, &summary, &dir)?;
+    let out = QuantOutcome {
+        method: method.name().to_string(),
+        config: qc,
+        bits_per_weight: summary.bits_per_weight(),
+        seconds: summary.seconds,
+        calib_sequences: spec.calib_sequences,
+        calib_len: spec.calib_len,
+    };
+    write_json_atomic(&done, &out)?;
+    Ok(out)
+}
+
+/// A cell's model after stages 1-3: fine-tuned (routers + LoRA), merged, quantized.
+pub struct Built {
+    base: Base,
+    pub lm: LoadedModel,
+    /// The training run's directory and outcome (routed cells).
+    pub trained: Option<(PathBuf, TrainOutcome)>,
+    pub quant: Option<QuantOutcome>,
+}
+
+impl Built {
+    /// The trained router and its routing config (routed cells).
+    pub fn router(
+        &self,
+        device: Device,
+    ) -> Result<Option<(DllmRouter, qtale_router::RoutingConfig)>> {
+        match &self.trained {
+            Some((dir, out)) => Ok(Some((
+                DllmRouter::load(&dir.join("router.safetensors"), device)?,
+                out.config.routing.clone(),
+            ))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Stages 1-3 of a cell (each cached): fine-tune, merge LoRA, quantize.
+pub fn build_model(cell: &CellConfig, env: &Env) -> Result<Built> {
+    cell.validate()?;
+    let base = Base::new(cell.model.as_deref())?;
+    let trained = match &cell.train {
+        Some(spec) => Some(stage_train(&base, spec, env)?),
+        None => None,
+    };
+    let mut lm = merged_model(
+        &base,
+        trained.as_ref().map(|(d, o)| (d.as_path(), &o.config)),
+        env,
+    )?;
+    let parent = serde_json::json!({"model": base.id(),
+        "train": cell.train.as_ref().map(|s| train_key(&base, s)).transpose()?});
+    let quant = match &cell.quant {
+        Some(q) => Some(stage_quant(&mut lm, &parent, q, env)?),
+        None => None,
+    };
+    Ok(Built {
+        base,
+        lm,
+        trained,
+        quant,
+    })
+}
+
+/// Mean next-token NLL over equal-length windows for any decoder (the theta rule's score).
+pub fn mean_nll(dec: &dyn Decoder, windows: &[Vec<i64>]) -> Result<f64> {
+    let ids: Vec<i64> = windows.concat();
+    let len = windows.first().map_or(0, Vec::len);
+    let cfg = WindowConfig {
+        window: len,
+        bos: None,
+        max_windows: None,
+    };
+    Ok(perplexity(dec, &ids, &cfg)?.mean_nll)
+}
+
+/// The key of a cell: everything but its name, with the model identified by its file hash.
+pub fn key_for(cell: &CellConfig) -> Result<String> {
+    let base = Base::new(cell.model.as_deref())?;
+    let mut v = serde_json::to_value(cell)?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("name");
+        o.insert("model".into(), base.id());
+    }
+    Ok(key_of(&v))
+}
+
+/// Run a cell (or return its stored result).
+pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
+    cell.validate()?;
+    let t0 = Instant::now();
+    let key = key_for(cell)?;
+    let path = env.cell_path(&key);
+    if path.is_file() && !env.fresh {
+        return read_json(&path);
+    }
+    if !env.quiet {
+        println!("== cell `{}` ({key})", cell.name);
+    }
+    let Built {
+        base,
+        lm,
+        trained,
+        quant,
+    } = build_model(cell, env)?;
+    // 4. Theta.
+    let mut routed = None;
+    let (mut theta, mut calib_nll, mut calib_ref) = (None, None, None);
+    let router = match (&trained, cell.theta_rule()) {
+        (Some((dir, out)), Some(rule)) => Some((
+            DllmRouter::load(&dir.join("router.safetensors"), env.device)?,
+            out.config.routing.clone(),
+            rule,
+        )),
+        _ => None,
+    };
+    if let Some((router, routing, rule)) = router {
+        let mut r = RoutedLlama::new(&lm.model, router, routing)?;
+        let windows = qtale_model::corpus::calibration_windows(
+            &lm.tokenizer,
+            cell.calib.sequences,
+            cell.calib.len,
+        )?;
+        let batches = calib_batches(&windows)?;
+        let t = measure_theta(&mut r, &rule, cell, env, &windows, &batches)?;
+        calib_nll = Some(t.calib_nll);
+        calib_ref = t.reference_nll;
+        theta = Some(t.report);
+        routed = Some(RoutedDecoder::new(r));
+    }
+    let dec: &dyn Decoder = match &routed {
+        Some(r) => r,
+        None => &lm.model,
+    };
+    // 5. Evaluate.
+    let (tasks, ppl) = evaluate(dec, &lm.model.config, &lm.tokenizer, cell, env)?;
+    let weight_bytes = dec.weight_bytes();
+    let tok_sum: usize = tasks
+        .iter()
+        .map(|t| t.tokens_processed)
+        .sum::<usize>()
+        .max(1);
+    let wavg = |f: &dyn Fn(&TaskRow) -> f64| {
+        tasks
+            .iter()
+            .map(|t| f(t) * t.tokens_processed as f64)
+            .sum::<f64>()
+            / tok_sum as f64
+    };
+    let exec_ratio = routed
+        .is_some()
+        .then(|| wavg(&|t: &TaskRow| t.exec_ratio.unwrap_or(1.0)));
+    let flops = wavg(&|t: &TaskRow| t.flops_rel_dense);
+    let (csqa7, csqa7_stderr) = csqa7_of(&tasks);
+    let (rev, dirty) = git_state();
+    let res = CellResult {
+        key: key.clone(),
+        name: cell.name.clone(),
+        config: cell.clone(),
+        model_source: base.src.to_string(),
+        model_hash: base.hash.clone(),
+        train: trained.map(|(_, o)| o),
+        quant,
+        theta,
+        calib_nll,
+        calib_nll_reference: calib_ref,
+        tasks,
+        csqa7,
+        csqa7_stderr,
+        ppl,
+        exec_ratio,
+        flops_rel_dense: flops,
+        weight_bytes,
+        git_revision: rev,
+        git_dirty: dirty,
+        date_utc: utc_now(),
+        wall_s: t0.elapsed().as_secs_f64(),
+    };
+    write_json_atomic(&path, &res)?;
+    Ok(res)
+}
+
+/// Calibration windows in batches of 4 rows.
+pub fn calib_batches(windows: &[Vec<i64>]) -> Result<Vec<CalibBatch>> {
+    ensure!(
+        !windows.is_empty(),
+        "no calibration text for theta (run `bash scripts/setup.sh`)"
+    );
+    Ok(windows
+        .chunks(4)
+        .map(CalibBatch::from_sequences)
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+/// What the theta step decided.
+pub struct ThetaOutcome {
+    pub report: ThetaReport,
+    /// Calibration NLL of the routed model at the chosen theta.
+    pub calib_nll: f64,
+    /// The dense reference's (rule (b) only).
+    pub reference_nll: Option<f64>,
+}
+
+/// Choose theta by `rule` on the calibration windows and leave `r` at it (method.md section 2.2).
+/// Rule (b) compares with the dense model with the cell's quantization; when no grid point is within
+/// the tolerance it takes the point of lowest loss and reports `converged = false`.
+pub fn measure_theta(
+    r: &mut RoutedLlama<&Llama, DllmRouter>,
+    rule: &ThetaRule,
+    cell: &CellConfig,
+    env: &Env,
+    windows: &[Vec<i64>],
+    batches: &[CalibBatch],
+) -> Result<ThetaOutcome> {
+    let mut reference_nll = None;
+    let report = match rule {
+        ThetaRule::Fixed { theta } => {
+            let (pt, _) = measure(r, batches, *theta)?;
+            ThetaReport {
+                chosen: Some(pt.clone()),
+                converged: true,
+                points: vec![pt],
+            }
+        }
+        ThetaRule::Ratio { target, tol } => calibrate_ratio(
+            r,
+            batches,
+            *target,
+            BisectOptions {
+                tol: *tol,
+                ..Default::default()
+            },
+        )?,
+        ThetaRule::Tolerance { tolerance, grid } => {
+            let base = Base::new(cell.model.as_deref())?;
+            let mut dense = base.load(env.device)?;
+            if let Some(q) = &cell.quant {
+                let p = serde_json::json!({"model": base.id(), "train": Value::Null});
+                stage_quant(&mut dense, &p, q, env)?;
+            }
+            let reference = mean_nll(&dense.model, windows)?;
+            drop(dense);
+            reference_nll = Some(reference);
+            let mut rep = calibrate_grid(r, batches, grid, reference, *tolerance, false, |m| {
+                routed_nll(m, windows)
+            })?;
+            if !rep.converged {
+                let best = rep
+                    .points
+                    .iter()
+                    .min_by(|a, b| {
+                        a.score
+                            .unwrap_or(f64::INFINITY)
+                            .total_cmp(&b.score.unwrap_or(f64::INFINITY))
+                    })
+                    .cloned()
+                    .context("empty theta grid")?;
+                if !env.quiet {
+                    println!(
+                        "theta: no grid point within {tolerance} nats of the dense reference {reference:.4}; taking the lowest loss, theta {}",
+                        best.theta
+                    );
+                }
+                r.set_theta(best.theta)?;
+                rep.chosen = Some(best);
+            }
+            rep
+        }
+    };
+    let calib_nll = routed_nll(r, windows)?;
+    if !env.quiet {
+        let c = report.chosen.as_ref();
+        println!(
+            "theta: {:.3} -> calibration ratio {:.3}, FLOPs {:.3} of dense, NLL {:.4}{}",
+            r.config.theta,
+            c.map_or(f64::NAN, |p| p.ratio),
+            c.map_or(f64::NAN, |p| p.flops_fraction),
+            calib_nll,
+            reference_nll.map_or(String::new(), |x| format!(" (dense reference {x:.4})"))
+        );
+    }
+    Ok(ThetaOutcome {
+        report,
+        calib_nll,
+        reference_nll,
+    })
+}
+
+/// Mean NLL of a routed model in inference mode (real skipping at its theta).
+pub fn routed_nll<M: std::borrow::Borrow<Llama>>(
+    r: &RoutedLlama<M, DllmRouter>,
+    windows: &[Vec<i64>],
+) -> qtale_router::Result<f64> {
+    let _g = tch::no_grad_guard();
+    let (mut sum, mut n) = (0.0, 0usize);
+    for w in windows {
+        let ids = Tensor::from_slice(w).unsqueeze(0);
+        let out = r.forward(&ids, None, Mode::Infer, &ForwardOptions::default())?;
+        let t = w.len() as i64;
+        let logp = out.logits.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
+        let tg = ids.narrow(1, 1, t - 1).to_device(logp.device());
+        let nll = -logp.gather(2, &tg.unsqueeze(2), false).mean(Kind::Double);
+        sum += nll.double_value(&[]);
+        n += 1;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+fn csqa7_of(tasks: &[TaskRow]) -> (Option<f64>, Option<f64>) {
+    let mut se2 = 0.0;
+    let mut sum = 0.0;
+    for t in TaskId::CSQA7 {
+        match tasks.iter().find(|r| r.task == t.name()) {
+            Some(r) => {
+                sum += r.score;
+                se2 += r.score_stderr * r.score_stderr;
+            }
+            None => return (None, None),
+        }
+    }
+    let k = TaskId::CSQA7.len() as f64;
+    (Some(sum / k), Some(se2.sqrt() / k))
+}
+
+fn evaluate(
+    dec: &dyn Decoder,
+    dec_config: &qtale_model::LlamaConfig,
+    tok: &tokenizers::Tokenizer,
+    cell: &CellConfig,
+    env: &Env,
+) -> Result<(Vec<TaskRow>, Option<f64>)> {
+    let tasks = TaskId::parse_list(&cell.eval.tasks)?;
+    let enc = EncodeConfig::for_model(dec_config, false)?;
+    let mut rows = Vec::new();
+    for task in tasks {
+        let data = load_task(task, &env.data_root, None, cell.eval.limit)?;
+        let n_req: usize = data.docs.iter().map(|d| d.requests.len()).sum();
+        let bar = if env.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(n_req as u64)
+        };
+        bar.set_style(ProgressStyle::with_template(
+            "{prefix:>14} {bar:30} {pos}/{len} requests, {elapsed} < {eta}",
+        )?);
+        bar.set_prefix(task.name());
+        let mut scorer = LmScorer::new(dec, cell.eval.batch_size);
+        let r = evaluate_task(
+            &mut scorer,
+            tok,
+            &enc,
+            &data,
+            dec.weight_bytes(),
+            &mut |n| bar.set_position(n as u64),
+        )?;
+        bar.finish_and_clear();
+        rows.push(TaskRow::from(&r));
+    }
+    let ppl = if cell.eval.ppl_windows > 0 {
+        let w =
+            qtale_model::corpus::heldout_windows(tok, cell.eval.ppl_windows, cell.eval.ppl_len)?;
+        if w.is_empty() {
+            bail!("no held-out text for perplexity (run `bash scripts/setup.sh`)");
+        }
+        let p = mean_nll(dec, &w)?.exp();
+        dec.take_exec_stats();
+        Some(p)
+    } else {
+        None
+    };
+    Ok((rows, ppl))
+}

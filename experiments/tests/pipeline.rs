@@ -1,0 +1,240 @@
+//! A miniature of the whole pipeline, end to end: a tiny random LLaMA written as an HF directory (with
+//! the SmolLM2 tokenizer), the real task data (first 3 docs), 3 training steps per recipe,
+//! 4-bit RTN, both theta rules, evaluation, tables; then the same grid again, which must come from the
+//! cell files, and a reference check of the dense cell against a direct harness run.
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use experiments::grid::{run_grid, write_outputs, GridArgs};
+use qtale_eval::run::evaluate_task;
+use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
+use qtale_model::{load_model, ModelSource};
+use rand::{Rng, SeedableRng};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    grid: GridArgs,
+}
+
+fn data_root() -> Option<PathBuf> {
+    let root = qtale_eval::tasks::default_data_root();
+    if root.join("hf_datasets").is_dir() {
+        return Some(root);
+    }
+    if std::env::var("QTALE_SKIP_ASSET_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!(
+            "QTALE_SKIP_ASSET_TESTS=1: skipping, {} is absent",
+            root.display()
+        );
+        return None;
+    }
+    panic!("{} not found: run `bash scripts/setup.sh`", root.display());
+}
+
+/// A random 4-layer LLaMA over the SmolLM2 vocabulary, as config.json + model.safetensors + tokenizer.
+fn tiny_hf_dir(dir: &Path, gguf: &Path) {
+    let (vocab, d, ff, layers) = (49152i64, 64i64, 128i64, 4usize);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut rnd = |shape: &[i64], s: f64| {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-s..s) as f32).collect();
+        Tensor::from_slice(&v).view(shape)
+    };
+    let mut t: Vec<(String, Tensor)> = vec![
+        ("model.embed_tokens.weight".into(), rnd(&[vocab, d], 0.5)),
+        (
+            "model.norm.weight".into(),
+            Tensor::ones([d], (Kind::Float, Device::Cpu)),
+        ),
+    ];
+    let b = (3.0 / d as f64).sqrt();
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (n, o, inp) in [
+            ("self_attn.q_proj", 64, d),
+            ("self_attn.k_proj", 32, d),
+            ("self_attn.v_proj", 32, d),
+            ("self_attn.o_proj", d, 64),
+            ("mlp.gate_proj", ff, d),
+            ("mlp.up_proj", ff, d),
+            ("mlp.down_proj", d, ff),
+        ] {
+            t.push((format!("{p}.{n}.weight"), rnd(&[o, inp], b)));
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.push((format!("{p}.{n}.weight"), rnd(&[d], 0.2) + 1.0));
+        }
+    }
+    let refs: Vec<(&str, &Tensor)> = t.iter().map(|(n, x)| (n.as_str(), x)).collect();
+    Tensor::write_safetensors(&refs, dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": d, "intermediate_size": ff, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    // The SmolLM2 tokenizer, from the set-up's GGUF.
+    let g = qtale_model::gguf::GgufFile::open(gguf).unwrap();
+    let tok = qtale_model::tokenizer::tokenizer_from_gguf(&g).unwrap();
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+}
+
+const CONFIG: &str = r#"
+description = "miniature pipeline"
+
+[defaults.eval]
+tasks = "piqa,arc_easy,winogrande"
+limit = 3
+batch_size = 4
+ppl_windows = 1
+ppl_len = 64
+
+[defaults.calib]
+sequences = 2
+len = 32
+
+[[variants]]
+name = "dense"
+
+[[variants]]
+name = "dense-quant"
+quant = { method = "rtn", bits = 4, group_size = 32, calib_sequences = 2, calib_len = 32 }
+
+[[variants]]
+name = "dllm-quant"
+quant = { method = "rtn", bits = 4, group_size = 32, calib_sequences = 2, calib_len = 32 }
+theta = { rule = "fixed", theta = 0.5 }
+[variants.train]
+preset = "dllm"
+data = { max_sequences = 16, holdout = 0.25 }
+config = { steps = 3, batch_size = 2, seq_len = 32, log_every = 1, eval_every = 3, checkpoint_every = 2, routing = { hidden = 16 } }
+
+[[variants]]
+name = "qtale-quant"
+quant = { method = "rtn", bits = 4, group_size = 32, calib_sequences = 2, calib_len = 32 }
+theta = { rule = "tolerance", tolerance = 100.0, grid = [0.3, 0.6, 0.9] }
+[variants.train]
+preset = "qtale"
+data = { max_sequences = 16, holdout = 0.25 }
+config = { steps = 3, batch_size = 2, seq_len = 32, log_every = 1, eval_every = 3, checkpoint_every = 2, routing = { hidden = 16 } }
+"#;
+
+#[test]
+fn miniature_pipeline_end_to_end_and_resumed() {
+    let Some(root) = data_root() else { return };
+    let Some(gguf) = qtale_model::load::test_asset_gguf() else {
+        return;
+    };
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_hf_dir(&model, &gguf);
+    let cfg = tmp.path().join("mini.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let out = tmp.path().join("out");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let argv = vec![
+        "x".to_string(),
+        "--config".into(),
+        p(&cfg),
+        "--model".into(),
+        p(&model),
+        "--out".into(),
+        p(&out),
+        "--cache".into(),
+        p(&tmp.path().join("cache")),
+        "--quiet".into(),
+    ];
+    let a: GridArgs = Cli::parse_from(&argv).grid;
+    let (env, file, res) = run_grid(&a, "mini", None).unwrap();
+    write_outputs(&env, &file, &res).unwrap();
+    assert_eq!(res.len(), 4);
+    let by = |n: &str| res.iter().find(|r| r.name == n).unwrap();
+    let (dense, dq, dllm, qtale) = (
+        by("dense"),
+        by("dense-quant"),
+        by("dllm-quant"),
+        by("qtale-quant"),
+    );
+
+    // The dense cell equals a direct harness run on the same model.
+    let lm = load_model(&ModelSource::HfDir(model.clone()), Device::Cpu, Kind::Float).unwrap();
+    let enc = EncodeConfig::for_model(&lm.model.config, false).unwrap();
+    for task in [TaskId::Piqa, TaskId::ArcEasy, TaskId::Winogrande] {
+        let data = load_task(task, &root, None, Some(3)).unwrap();
+        let mut s = LmScorer::new(&lm.model, 4);
+        let r = evaluate_task(&mut s, &lm.tokenizer, &enc, &data, 0, &mut |_| {}).unwrap();
+        let row = dense.task(task.name()).unwrap();
+        assert_eq!(row.n, 3);
+        assert!((row.acc - r.metrics.acc.mean).abs() < 1e-12, "{task:?}");
+    }
+    assert!(dense.exec_ratio.is_none() && (dense.flops_rel_dense - 1.0).abs() < 1e-12);
+    assert!(dense.train.is_none() && dense.quant.is_none() && dense.theta.is_none());
+    // Quantized: packed linears are smaller; the bits per weight are 4 + scale/zero overhead.
+    let q = dq.quant.as_ref().unwrap();
+    assert!(q.bits_per_weight > 4.0 && q.bits_per_weight < 6.0, "{q:?}");
+    assert!(dq.weight_bytes < dense.weight_bytes);
+    // Routed: trained 3 steps, theta chosen by each rule, real skipping reflected in ratio and FLOPs.
+    for r in [dllm, qtale] {
+        let t = r.train.as_ref().unwrap();
+        assert_eq!(t.steps, 3);
+        assert!(t.val_ce.is_finite() && t.dense_val_ce.is_finite());
+        let e = r.exec_ratio.unwrap();
+        assert!(e > 0.0 && e <= 1.0, "{}: ratio {e}", r.name);
+        assert!(
+            r.flops_rel_dense < 1.05,
+            "{}: flops {}",
+            r.name,
+            r.flops_rel_dense
+        );
+        assert!(
+            r.weight_bytes > dq.weight_bytes,
+            "router weights are counted"
+        );
+        assert!(r.calib_nll.unwrap().is_finite());
+    }
+    assert_eq!(dllm.theta(), Some(0.5));
+    // Rule (b) with a huge tolerance: every point qualifies, so the smallest ratio wins.
+    let rep = qtale.theta.as_ref().unwrap();
+    assert_eq!(rep.points.len(), 3);
+    let min_ratio = rep
+        .points
+        .iter()
+        .map(|p| p.ratio)
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(rep.chosen.as_ref().unwrap().ratio, min_ratio);
+    assert!(qtale.calib_nll_reference.is_some());
+    // Outputs.
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv
+        .lines()
+        .next()
+        .unwrap()
+        .starts_with("variant,key,piqa,piqa_stderr"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["cells"].as_array().unwrap().len(), 4);
+    assert_eq!(json["experiment"]["description"], "miniature pipeline");
+
+    // Second run: every cell comes from its file (same wall time recorded), nothing recomputed.
+    let (_, _, again) = run_grid(&a, "mini", None).unwrap();
+    for (x, y) in res.iter().zip(&again) {
+        assert_eq!((&x.key, x.wall_s, x.csqa7), (&y.key, y.wall_s, y.csqa7));
+    }
+    // One cell as its own job (a Slurm array task), after deleting its result: recomputed equal.
+    std::fs::remove_file(env.cell_path(&dllm.key)).unwrap();
+    let mut one = a.clone();
+    one.cell = Some(2);
+    let (_, _, r2) = run_grid(&one, "mini", None).unwrap();
+    assert_eq!(r2.len(), 1);
+    assert_eq!(r2[0].key, dllm.key);
+    for (x, y) in r2[0].tasks.iter().zip(&dllm.tasks) {
+        assert_eq!((x.acc, x.exec_ratio), (y.acc, y.exec_ratio));
+    }
+}
