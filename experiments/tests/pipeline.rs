@@ -238,3 +238,62 @@ fn miniature_pipeline_end_to_end_and_resumed() {
         assert_eq!((x.acc, x.exec_ratio), (y.acc, y.exec_ratio));
     }
 }
+
+/// A complete quantized HF directory (GPTQ and AWQ layouts, as hub checkpoints come) loads through the
+/// plain `load_model` with packed linears, and computes what the in-memory quantized model computes.
+#[test]
+fn quantized_hf_directories_load_through_load_model() {
+    use qtale_model::quantize::{quantize_model, save_quantized_hf_dir, Method, QuantizeOptions};
+    use qtale_quant::packed::PackedLayout;
+    let Some(gguf) = qtale_model::load::test_asset_gguf() else {
+        return;
+    };
+    tch::set_num_threads(1);
+    let _g = tch::no_grad_guard();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("tiny");
+    std::fs::create_dir_all(&base).unwrap();
+    tiny_hf_dir(&base, &gguf);
+    let calib: Vec<Vec<i64>> = (0..4)
+        .map(|i| (0..32).map(|t| (i * 977 + t * 131) % 49152).collect())
+        .collect();
+    for (method, layout) in [
+        (Method::Gptq, PackedLayout::Gptq),
+        (Method::Rtn, PackedLayout::Awq),
+    ] {
+        let mut lm =
+            load_model(&ModelSource::HfDir(base.clone()), Device::Cpu, Kind::Float).unwrap();
+        let mut o = QuantizeOptions::new(method, qtale_quant::QuantConfig::new(4, 32).unwrap());
+        o.batch = 2;
+        let s = quantize_model(&mut lm.model, &calib, &o).unwrap();
+        let dir = tmp.path().join(format!("{}-{layout:?}", method.name()));
+        save_quantized_hf_dir(&lm.model, &s, &dir, layout).unwrap();
+        std::fs::copy(base.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        let back = load_model(&ModelSource::HfDir(dir.clone()), Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(back.model.weight_bytes(), lm.model.weight_bytes());
+        assert!(back.model.weight_bytes() < 49152 * 64 * 4 + 4 * 7 * 64 * 128 * 4 / 4);
+        let ids = Tensor::from_slice(&calib[2][..12]).view([1, -1]);
+        let a = lm.model.forward(&ids, None).unwrap().logits;
+        let b = back.model.forward(&ids, None).unwrap().logits;
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d <= 1e-5, "{method:?} {layout:?}: {d}");
+    }
+    // A broken quantization_config is a named error, through load_model too.
+    let dir = tmp
+        .path()
+        .join(format!("{}-{:?}", Method::Gptq.name(), PackedLayout::Gptq));
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"bits\": 4", "\"bits\": 5"),
+    )
+    .unwrap();
+    let Err(e) = load_model(&ModelSource::HfDir(dir.clone()), Device::Cpu, Kind::Float) else {
+        panic!("bits 5 accepted");
+    };
+    let msg = format!("{e}");
+    assert!(
+        msg.contains("quantized checkpoint") && msg.contains('5'),
+        "{msg}"
+    );
+}

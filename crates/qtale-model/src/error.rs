@@ -55,6 +55,13 @@ pub enum ModelError {
     Input(String),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A quantized checkpoint (GPTQ / AWQ layout) that cannot be loaded.
+    #[error("{path}: quantized checkpoint: {source}")]
+    Quantized {
+        path: PathBuf,
+        #[source]
+        source: Box<crate::quantize::QuantizeError>,
+    },
 }
 
 impl ModelError {

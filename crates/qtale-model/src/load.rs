@@ -156,10 +156,25 @@ pub fn load_model(src: &ModelSource, device: Device, kind: Kind) -> Result<Loade
     })
 }
 
+/// An HF directory; one whose config.json has a `quantization_config` (GPTQ or AWQ layout, e.g. a hub
+/// checkpoint) loads its block linears packed, as `QuantLinear`s, without a dense copy.
 fn load_hf_dir(dir: &Path, device: Device, kind: Kind) -> Result<(Llama, tokenizers::Tokenizer)> {
     let cfg_path = dir.join("config.json");
-    let cfg = HfConfig::from_file(&cfg_path)?.resolve(&cfg_path)?;
+    let hf = HfConfig::from_file(&cfg_path)?;
     let tok = tokenizer::load_tokenizer(&dir.join("tokenizer.json"))?;
+    if hf.quantization_config.is_some() {
+        let model = crate::quantize::load_quantized_hf_dir(dir, device, kind, false).map_err(
+            |e| match e {
+                crate::quantize::QuantizeError::Model(m) => m,
+                other => ModelError::Quantized {
+                    path: dir.to_path_buf(),
+                    source: Box::new(other),
+                },
+            },
+        )?;
+        return Ok((model, tok));
+    }
+    let cfg = hf.resolve(&cfg_path)?;
     let model = load_hf_weights(dir, cfg, device, kind)?;
     Ok((model, tok))
 }
