@@ -676,7 +676,12 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
     let key = key_for(cell)?;
     let path = env.cell_path(&key);
     if path.is_file() && !env.fresh {
-        return read_json(&path);
+        // The key excludes the name: a cell finished under another experiment's label is reused
+        // under this one's.
+        let mut r: CellResult = read_json(&path)?;
+        r.name = cell.name.clone();
+        r.config.name = cell.name.clone();
+        return Ok(r);
     }
     if !env.quiet {
         println!("== cell `{}` ({key})", cell.name);

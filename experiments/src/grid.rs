@@ -349,9 +349,11 @@ pub fn run_grid(
         }
         if a.merge {
             if done {
-                results.push(serde_json::from_str(&std::fs::read_to_string(
-                    env.cell_path(&key),
-                )?)?);
+                let mut r: CellResult =
+                    serde_json::from_str(&std::fs::read_to_string(env.cell_path(&key))?)?;
+                r.name = cell.name.clone();
+                r.config.name = cell.name.clone();
+                results.push(r);
             } else {
                 println!("cell {i} `{}` is not finished", cell.name);
             }
