@@ -540,6 +540,10 @@ struct Report<'a> {
 /// Print the table and write `table.txt`, `results.csv` and `results.json` under `env.out`.
 pub fn write_outputs(env: &Env, file: &ExperimentFile, results: &[CellResult]) -> Result<()> {
     std::fs::create_dir_all(&env.out).with_context(|| format!("creating {}", env.out.display()))?;
+    if results.is_empty() {
+        println!("no finished cells: nothing to tabulate");
+        return Ok(());
+    }
     let table = format_table(results);
     println!("\n{table}");
     let limits: Vec<String> = results
