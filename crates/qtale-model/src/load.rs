@@ -191,80 +191,22 @@ impl Llama {
     /// is an error), moving weights to `device` in `kind`.
     pub fn from_tensors(
         cfg: LlamaConfig,
-        mut map: TensorMap,
+        map: TensorMap,
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
         map.check(&cfg)?;
-        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
-            return Err(ModelError::Input(format!(
-                "unsupported compute dtype {kind:?} (f32, bf16 or f16)"
-            )));
-        }
-        let mut get =
-            |name: &str| -> Result<Tensor> { Ok(map.take(name)?.to_kind(kind).to_device(device)) };
-        let lin = |get: &mut dyn FnMut(&str) -> Result<Tensor>,
-                   p: &str,
-                   bias: bool|
-         -> Result<Box<dyn Linear>> {
-            let weight = get(&format!("{p}.weight"))?;
+        // Shapes were checked above: every block linear is a dense `weight` (+ `bias`).
+        Self::from_tensors_with_linears(cfg, map, device, kind, |map, p, _, _, bias| {
+            let mut get =
+                |n: String| -> Result<Tensor> { Ok(map.take(&n)?.to_kind(kind).to_device(device)) };
+            let weight = get(format!("{p}.weight"))?;
             let bias = if bias {
-                Some(get(&format!("{p}.bias"))?)
+                Some(get(format!("{p}.bias"))?)
             } else {
                 None
             };
-            Ok(Box::new(DenseLinear { weight, bias }))
-        };
-        let eps = cfg.rms_norm_eps;
-        let embed_tokens = get("model.embed_tokens.weight")?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
-            layers.push(DecoderLayer {
-                input_layernorm: RmsNorm {
-                    weight: get(&format!("{p}.input_layernorm.weight"))?,
-                    eps,
-                },
-                self_attn: Attention {
-                    q_proj: lin(&mut get, &format!("{p}.self_attn.q_proj"), ab)?,
-                    k_proj: lin(&mut get, &format!("{p}.self_attn.k_proj"), ab)?,
-                    v_proj: lin(&mut get, &format!("{p}.self_attn.v_proj"), ab)?,
-                    o_proj: lin(&mut get, &format!("{p}.self_attn.o_proj"), ab)?,
-                    num_heads: cfg.num_attention_heads as i64,
-                    num_kv_heads: cfg.num_key_value_heads as i64,
-                    head_dim: cfg.head_dim as i64,
-                },
-                post_attention_layernorm: RmsNorm {
-                    weight: get(&format!("{p}.post_attention_layernorm.weight"))?,
-                    eps,
-                },
-                mlp: Mlp {
-                    gate_proj: lin(&mut get, &format!("{p}.mlp.gate_proj"), mb)?,
-                    up_proj: lin(&mut get, &format!("{p}.mlp.up_proj"), mb)?,
-                    down_proj: lin(&mut get, &format!("{p}.mlp.down_proj"), mb)?,
-                },
-            });
-        }
-        let norm = RmsNorm {
-            weight: get("model.norm.weight")?,
-            eps,
-        };
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(get("lm_head.weight")?)
-        };
-        let rope = Rope::new(&cfg, device);
-        Ok(Llama {
-            config: cfg,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            device,
-            kind,
+            Ok(Box::new(DenseLinear { weight, bias }) as Box<dyn Linear>)
         })
     }
 }
