@@ -619,6 +619,37 @@ impl Built {
     }
 }
 
+/// A cell's routed model at its chosen theta, with the calibration batches theta was chosen on.
+pub struct Routed<'a> {
+    pub model: RoutedLlama<&'a Llama, DllmRouter>,
+    pub theta: ThetaOutcome,
+    pub batches: Vec<CalibBatch>,
+}
+
+impl Built {
+    /// Stage 4 for routed cells: load the router and choose theta by the cell's rule on calibration
+    /// text; `None` for dense cells.
+    pub fn routed(&self, cell: &CellConfig, env: &Env) -> Result<Option<Routed<'_>>> {
+        let (Some((router, routing)), Some(rule)) = (self.router(env.device)?, cell.theta_rule())
+        else {
+            return Ok(None);
+        };
+        let mut model = RoutedLlama::new(&self.lm.model, router, routing)?;
+        let windows = qtale_model::corpus::calibration_windows(
+            &self.lm.tokenizer,
+            cell.calib.sequences,
+            cell.calib.len,
+        )?;
+        let batches = calib_batches(&windows)?;
+        let theta = measure_theta(&mut model, &rule, cell, env, &windows, &batches)?;
+        Ok(Some(Routed {
+            model,
+            theta,
+            batches,
+        }))
+    }
+}
+
 /// Stages 1-3 of a cell (each cached): fine-tune, merge LoRA, quantize.
 pub fn build_model(cell: &CellConfig, env: &Env) -> Result<Built> {
     cell.validate()?;
@@ -686,37 +717,19 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
     if !env.quiet {
         println!("== cell `{}` ({key})", cell.name);
     }
-    let Built {
-        base,
-        lm,
-        trained,
-        quant,
-    } = build_model(cell, env)?;
+    let built = build_model(cell, env)?;
     // 4. Theta.
-    let mut routed = None;
     let (mut theta, mut calib_nll, mut calib_ref) = (None, None, None);
-    let router = match (&trained, cell.theta_rule()) {
-        (Some((dir, out)), Some(rule)) => Some((
-            DllmRouter::load(&dir.join("router.safetensors"), env.device)?,
-            out.config.routing.clone(),
-            rule,
-        )),
-        _ => None,
+    let routed = match built.routed(cell, env)? {
+        Some(r) => {
+            calib_nll = Some(r.theta.calib_nll);
+            calib_ref = r.theta.reference_nll;
+            theta = Some(r.theta.report);
+            Some(RoutedDecoder::new(r.model))
+        }
+        None => None,
     };
-    if let Some((router, routing, rule)) = router {
-        let mut r = RoutedLlama::new(&lm.model, router, routing)?;
-        let windows = qtale_model::corpus::calibration_windows(
-            &lm.tokenizer,
-            cell.calib.sequences,
-            cell.calib.len,
-        )?;
-        let batches = calib_batches(&windows)?;
-        let t = measure_theta(&mut r, &rule, cell, env, &windows, &batches)?;
-        calib_nll = Some(t.calib_nll);
-        calib_ref = t.reference_nll;
-        theta = Some(t.report);
-        routed = Some(RoutedDecoder::new(r));
-    }
+    let lm = &built.lm;
     let dec: &dyn Decoder = match &routed {
         Some(r) => r,
         None => &lm.model,
@@ -746,10 +759,10 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
         key: key.clone(),
         name: cell.name.clone(),
         config: cell.clone(),
-        model_source: base.src.to_string(),
-        model_hash: base.hash.clone(),
-        train: trained.map(|(_, o)| o),
-        quant,
+        model_source: built.base.src.to_string(),
+        model_hash: built.base.hash.clone(),
+        train: built.trained.clone().map(|(_, o)| o),
+        quant: built.quant.clone(),
         theta,
         calib_nll,
         calib_nll_reference: calib_ref,

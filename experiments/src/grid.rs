@@ -623,3 +623,20 @@ pub fn grid_main(
     write_outputs(&env, &file, &results)?;
     report(&env, &results)
 }
+
+/// The `main` of a sweep binary: the grid, then CSQA-7 vs execution ratio per curve
+/// (`csqa7_vs_ratio.svg`).
+pub fn sweep_main(binary: &'static str, about: &'static str) -> Result<()> {
+    grid_main(binary, about, None, |env, results| {
+        let p = env.out.join("csqa7_vs_ratio.svg");
+        crate::plot::lines(
+            &p,
+            &format!("{binary}: CSQA-7 vs execution ratio"),
+            "execution ratio",
+            "CSQA-7 (%)",
+            &curves(results),
+        )?;
+        println!("wrote {}", p.display());
+        Ok(())
+    })
+}

@@ -8,10 +8,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
 
-use experiments::cell::{build_model, calib_batches, measure_theta, ThetaRule};
+use experiments::cell::build_model;
 use experiments::grid::{config_path, env_of, to_cell, ExperimentFile, GridArgs};
 use experiments::plot;
-use qtale_router::{analyze, AnalysisOptions, RoutedLlama, RouterAnalysis};
+use qtale_router::{analyze, AnalysisOptions, RouterAnalysis};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,22 +52,11 @@ fn main() -> Result<()> {
             continue;
         }
         let built = build_model(&cell, &env)?;
-        let Some((router, routing)) = built.router(env.device)? else {
+        let Some(r) = built.routed(&cell, &env)? else {
             println!("cell `{}` has no router; skipped", cell.name);
             continue;
         };
-        let windows = qtale_model::corpus::calibration_windows(
-            &built.lm.tokenizer,
-            cell.calib.sequences,
-            cell.calib.len,
-        )?;
-        let batches = calib_batches(&windows)?;
-        let mut routed = RoutedLlama::new(&built.lm.model, router, routing)?;
-        let rule = cell
-            .theta
-            .clone()
-            .unwrap_or(ThetaRule::Fixed { theta: 0.5 });
-        let theta = measure_theta(&mut routed, &rule, &cell, &env, &windows, &batches)?;
+        let (mut routed, theta, batches) = (r.model, r.theta, r.batches);
         let point = theta.report.chosen.clone().context("no theta chosen")?;
         let (_, summary) = qtale_router::measure(&mut routed, &batches, point.theta)?;
         let opts = AnalysisOptions {

@@ -9,11 +9,10 @@ use clap::Parser;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use experiments::cell::{build_model, calib_batches, measure_theta, ThetaRule};
+use experiments::cell::build_model;
 use experiments::grid::{config_path, env_of, to_cell, ExperimentFile, GridArgs};
 use qtale_eval::{Decoder, RoutedDecoder};
 use qtale_model::model::KvCache;
-use qtale_router::RoutedLlama;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -104,24 +103,10 @@ fn main() -> Result<()> {
             qtale_model::corpus::heldout_windows(&built.lm.tokenizer, 1, a.prompt_len)?
                 .pop()
                 .context("no held-out text (run `bash scripts/setup.sh`)")?;
-        let mut routed = None;
-        let mut theta = None;
-        if let Some((router, routing)) = built.router(env.device)? {
-            let mut r = RoutedLlama::new(&built.lm.model, router, routing)?;
-            let windows = qtale_model::corpus::calibration_windows(
-                &built.lm.tokenizer,
-                cell.calib.sequences,
-                cell.calib.len,
-            )?;
-            let batches = calib_batches(&windows)?;
-            let rule = cell
-                .theta
-                .clone()
-                .unwrap_or(ThetaRule::Fixed { theta: 0.5 });
-            let t = measure_theta(&mut r, &rule, &cell, &env, &windows, &batches)?;
-            theta = t.report.chosen;
-            routed = Some(RoutedDecoder::new(r));
-        }
+        let (routed, theta) = match built.routed(&cell, &env)? {
+            Some(r) => (Some(RoutedDecoder::new(r.model)), r.theta.report.chosen),
+            None => (None, None),
+        };
         let d: &dyn Decoder = match &routed {
             Some(r) => r,
             None => &built.lm.model,
