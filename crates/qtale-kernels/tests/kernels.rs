@@ -60,6 +60,11 @@ fn simd_matches_scalar_on_random_inputs() {
         (576, 576, 64, 1),
         (200, 1536, 128, 5),
         (1024, 1024, 128, 8),
+        // odd blocks per group (unpaired path), and groups whose i16 partial sums are flushed
+        // after four block pairs (256: once, 512: twice)
+        (24, 576, 96, 2),
+        (48, 1024, 256, 2),
+        (40, 2048, 512, 3),
     ] {
         let w = random_matrix(&mut rng, rows, cols, group);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
@@ -99,8 +104,15 @@ fn simd_matches_scalar_for_each_token_count() {
 
 #[test]
 fn simd_matches_scalar_on_adversarial_inputs() {
+    // group 512: all-15 codes times all-127 activations put the AVX2 kernel's i16 partial sums at
+    // their bound (4 block pairs x 2 x 15 x 127 x 2 = 30480)
+    for (cols, group) in [(512, 64), (1024, 512)] {
+        adversarial(128, cols, group);
+    }
+}
+
+fn adversarial(rows: usize, cols: usize, group: usize) {
     let mut rng = StdRng::seed_from_u64(2);
-    let (rows, cols, group) = (128, 512, 64);
     // extreme codes and zero points: all 15 with zero 0, all 0 with zero 15
     let ng = cols / group;
     let scales = vec![0.05f32; rows * ng];
@@ -150,7 +162,7 @@ fn simd_matches_scalar_on_adversarial_inputs() {
         "zero groups".into(),
         (0..cols)
             .map(|c| {
-                if (c / group) % 2 == 0 {
+                if (c / group).is_multiple_of(2) {
                     0.0
                 } else {
                     rng.gen_range(-1.0..1.0)
@@ -160,7 +172,7 @@ fn simd_matches_scalar_on_adversarial_inputs() {
     ));
     for (name, x) in &inputs {
         for (wn, w) in [("codes 15", &w15), ("codes 0", &w0), ("random", &wr)] {
-            check(w, x, 1, &format!("{name} / {wn}"));
+            check(w, x, 1, &format!("g{group} {name} / {wn}"));
         }
     }
     // all-zero input gives exactly zero
