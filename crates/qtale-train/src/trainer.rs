@@ -745,6 +745,11 @@ pub(crate) mod tests_support {
 
     /// A random 8-layer model (hidden 64, vocab 64): enough depth for routers from layer 2 on.
     pub(crate) fn tiny_model(seed: i64) -> Llama {
+        tiny_model_in(seed, Kind::Float)
+    }
+
+    /// The same weights as [`tiny_model`], stored in `kind`.
+    pub(crate) fn tiny_model_in(seed: i64, kind: Kind) -> Llama {
         let cfg = LlamaConfig {
             vocab_size: 64,
             hidden_size: 64,
@@ -782,7 +787,7 @@ pub(crate) mod tests_support {
                 tensors,
             },
             Device::Cpu,
-            Kind::Float,
+            kind,
         )
         .unwrap()
     }
@@ -988,6 +993,48 @@ mod tests {
         assert!(q.val_diag.logit_gap < d.val_diag.logit_gap, "logit gap");
         assert!(q.val_diag.flip_rate > d.val_diag.flip_rate, "flip rate");
         assert!(d.lora_path.exists() && d.router_path.exists());
+    }
+
+    /// A bf16 base model (the CUDA configuration; tiny here, so CPU bf16 matmuls cost nothing): it
+    /// starts at the f32 model's CE within bf16 rounding, the loop runs with finite losses and CE
+    /// falls, and the trained parameters (adapters, routers) and their optimizer stay f32.
+    #[test]
+    fn bf16_base_model_trains_with_f32_adapters_and_routers() {
+        let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::set_num_threads(1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = small_cfg("qtale");
+        c.steps = 40;
+        c.log_every = 20;
+        c.eval_every = 40;
+        c.checkpoint_every = 40;
+        let train = counting_data(64, c.seq_len, 0);
+        let val = counting_data(8, c.seq_len, 1000);
+        let mut m32 = tiny_model_in(1, Kind::Float);
+        let ce32 = Trainer::new(c.clone(), &mut m32, &dir.path().join("f32"))
+            .unwrap()
+            .validate(&val)
+            .unwrap()
+            .0;
+        let mut m16 = tiny_model_in(1, Kind::BFloat16);
+        assert_eq!(m16.kind, Kind::BFloat16);
+        let mut t = Trainer::new(c, &mut m16, &dir.path().join("bf16")).unwrap();
+        let (ce0, _, _) = t.validate(&val).unwrap();
+        assert!(
+            (ce0 - ce32).abs() < 0.02 * ce32,
+            "bf16 start CE {ce0} vs f32 {ce32}"
+        );
+        let s = t.train(&train, &val, |_| {}).unwrap();
+        assert!(
+            s.val_ce.is_finite() && s.val_ce < ce0 - 0.2,
+            "bf16 CE {ce0} -> {}",
+            s.val_ce
+        );
+        for g in &t.opt.groups {
+            for (n, p) in &g.params {
+                assert_eq!(p.kind(), Kind::Float, "{n}");
+            }
+        }
     }
 
     /// The KD term is KL(dense || routed) per real token (checked against torch's `kl_div`), zero when
