@@ -10,8 +10,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use rayon::prelude::*;
 use qtale_kernels::int4::{default_threads, Backend, Int4Matrix};
+use rayon::prelude::*;
 
 const MIB: usize = 1 << 20;
 
@@ -112,7 +112,10 @@ fn l3_bytes() -> usize {
         Some('M') => (&t[..t.len() - 1], MIB),
         _ => (t, 1),
     };
-    num.parse::<usize>().map(|n| n * mult).unwrap_or(64 * MIB).max(MIB)
+    num.parse::<usize>()
+        .map(|n| n * mult)
+        .unwrap_or(64 * MIB)
+        .max(MIB)
 }
 
 /// `rounds` rounds of (read 64 MiB of `buf` at a rotating offset, one `kernel` call): medians of the
@@ -191,7 +194,11 @@ fn main() {
     let mut dst = vec![0u8; 256 * MIB];
     let l3 = l3_bytes();
     let cold = (2 * l3).max(256 * MIB);
-    println!("L3 {} MiB: cold working sets of {} MiB", l3 / MIB, cold / MIB);
+    println!(
+        "L3 {} MiB: cold working sets of {} MiB",
+        l3 / MIB,
+        cold / MIB
+    );
     let read_buf: Vec<u8> = (0..(cold.max(1024 * MIB))).map(|i| i as u8).collect();
     let mut paired: Vec<Paired> = Vec::new();
     {

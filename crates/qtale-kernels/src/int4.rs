@@ -367,7 +367,10 @@ impl QuantActs {
                 let inv = 1.0 / scale;
                 let quant = |v: f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
                 if paired {
-                    for (xp, qp) in xs.chunks_exact(2 * BLOCK).zip(qs.chunks_exact_mut(2 * BLOCK)) {
+                    for (xp, qp) in xs
+                        .chunks_exact(2 * BLOCK)
+                        .zip(qs.chunks_exact_mut(2 * BLOCK))
+                    {
                         for j in 0..16 {
                             qp[j] = quant(xp[j]);
                             qp[16 + j] = quant(xp[32 + j]);
@@ -479,14 +482,24 @@ mod avx2 {
             let zeros = w.zeros.as_ptr().add(r * ng);
             let mut zterm = [0f32; NT];
             for t in 0..NT {
-                zterm[t] =
-                    group_factors(scales, zeros, d.add(t * ng), sum.add(t * ng), ng, fp.add(t * ng));
+                zterm[t] = group_factors(
+                    scales,
+                    zeros,
+                    d.add(t * ng),
+                    sum.add(t * ng),
+                    ng,
+                    fp.add(t * ng),
+                );
             }
             let mut tot = [_mm256_setzero_ps(); NT];
             // `wp`: the group's packed bytes; `c`: its first column.
             let (mut wp, mut c) = (row, 0usize);
             let pairs = if PAIRS > 0 { PAIRS } else { gbytes / BLOCK };
-            let lines = if PAIRS > 0 { (PAIRS * BLOCK).div_ceil(64) } else { gbytes.div_ceil(64) };
+            let lines = if PAIRS > 0 {
+                (PAIRS * BLOCK).div_ceil(64)
+            } else {
+                gbytes.div_ceil(64)
+            };
             for g in 0..ng {
                 for l in 0..lines {
                     _mm_prefetch(wp.add(64 * l + PREFETCH_BYTES) as *const i8, _MM_HINT_T0);
@@ -515,7 +528,8 @@ mod avx2 {
                 } else {
                     let end = wp.add(gbytes);
                     while wp < end {
-                        let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(wp as *const __m128i));
+                        let raw =
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(wp as *const __m128i));
                         let nib = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
                         for t in 0..NT {
                             let xv = _mm256_loadu_si256(xq.add(t * cols + c) as *const __m256i);
