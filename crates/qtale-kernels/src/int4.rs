@@ -476,6 +476,13 @@ mod avx2 {
         let d = a.d.as_ptr().add(t0 * ng);
         let sum = a.sum.as_ptr().add(t0 * ng);
         let fp = f.as_mut_ptr();
+        // Block pairs and 64-byte lines per group (compile-time constants when `PAIRS` is set).
+        let pairs = if PAIRS > 0 { PAIRS } else { gbytes / BLOCK };
+        let lines = if PAIRS > 0 {
+            (PAIRS * BLOCK).div_ceil(64)
+        } else {
+            gbytes.div_ceil(64)
+        };
         for r in r0..r1 {
             let row = qp.add(r * cols / 2);
             let scales = w.scales.as_ptr().add(r * ng);
@@ -494,12 +501,6 @@ mod avx2 {
             let mut tot = [_mm256_setzero_ps(); NT];
             // `wp`: the group's packed bytes; `c`: its first column.
             let (mut wp, mut c) = (row, 0usize);
-            let pairs = if PAIRS > 0 { PAIRS } else { gbytes / BLOCK };
-            let lines = if PAIRS > 0 {
-                (PAIRS * BLOCK).div_ceil(64)
-            } else {
-                gbytes.div_ceil(64)
-            };
             for g in 0..ng {
                 for l in 0..lines {
                     _mm_prefetch(wp.add(64 * l + PREFETCH_BYTES) as *const i8, _MM_HINT_T0);
@@ -571,11 +572,11 @@ mod avx2 {
         assert!(a.q.len() == m * w.cols && a.d.len() == m * ng);
         assert!(a.paired == w.group.is_multiple_of(2 * BLOCK));
         let mut f = vec![0f32; MAX_TILE * ng];
+        let pairs = if a.paired { w.group / (2 * BLOCK) } else { 0 };
         let mut t0 = 0;
         while t0 < m {
             let nt = (m - t0).min(MAX_TILE);
             let o = &mut out[t0 * len..(t0 + nt) * len];
-            let pairs = if a.paired { w.group / (2 * BLOCK) } else { 0 };
             macro_rules! run {
                 ($($n:literal)*) => {
                     match (nt, a.paired, pairs) {
