@@ -846,6 +846,13 @@ mod tests {
     /// torch's RNG is process-global: trainer tests (which reseed it every step) must not interleave.
     static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// Set-up of a trainer test: hold the RNG lock, one libtorch thread, a fresh temporary directory.
+    fn serial() -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir) {
+        let lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::set_num_threads(1);
+        (lock, tempfile::tempdir().unwrap())
+    }
+
     fn params(t: &Trainer) -> Vec<(String, Tensor)> {
         t.opt
             .groups
@@ -857,9 +864,7 @@ mod tests {
     /// Interrupt at step 6 and resume: the same parameters as an uninterrupted run, bit for bit.
     #[test]
     fn resume_continues_exactly() {
-        let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        tch::set_num_threads(1);
-        let dir = tempfile::tempdir().unwrap();
+        let (_lock, dir) = serial();
         let mut c = small_cfg("qtale");
         c.steps = 12;
         c.lora.dropout = 0.05; // exercise the reseeded dropout too
@@ -916,9 +921,7 @@ mod tests {
     /// Non-finite losses skip the update; too many in a row stop the run, keeping the last checkpoint.
     #[test]
     fn nan_losses_are_skipped_then_stop_the_run() {
-        let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        tch::set_num_threads(1);
-        let dir = tempfile::tempdir().unwrap();
+        let (_lock, dir) = serial();
         let mut c = small_cfg("dllm");
         c.steps = 20;
         c.checkpoint_every = 2;
@@ -1000,9 +1003,7 @@ mod tests {
     /// falls, and the trained parameters (adapters, routers) and their optimizer stay f32.
     #[test]
     fn bf16_base_model_trains_with_f32_adapters_and_routers() {
-        let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        tch::set_num_threads(1);
-        let dir = tempfile::tempdir().unwrap();
+        let (_lock, dir) = serial();
         let mut c = small_cfg("qtale");
         c.steps = 40;
         c.log_every = 20;
