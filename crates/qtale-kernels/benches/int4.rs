@@ -49,7 +49,11 @@ fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    median(&mut v)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
@@ -75,9 +79,7 @@ fn sum_bytes(c: &[u8]) -> u64 {
         // SAFETY: AVX2 was detected.
         return unsafe { sum_bytes_avx2(c) };
     }
-    c.chunks(8)
-        .map(|w| w.iter().fold(0u64, |a, &b| a.wrapping_add(b as u64)))
-        .fold(0, u64::wrapping_add)
+    c.iter().fold(0u64, |a, &b| a.wrapping_add(b as u64))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -143,11 +145,7 @@ fn paired_rounds(
         rb.push(r);
         ratio.push(k / r);
     }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
-    (med(&mut kb), med(&mut rb), med(&mut ratio))
+    (median(&mut kb), median(&mut rb), median(&mut ratio))
 }
 
 /// memcpy bandwidth: bytes read + bytes written per second, `threads` threads over 256 MiB.
