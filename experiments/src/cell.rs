@@ -49,6 +49,12 @@ pub struct TrainSpec {
     pub config: serde_json::Map<String, Value>,
     #[serde(default)]
     pub data: DataSpec,
+    /// A finished run of the `train` binary to use instead of training (e.g. one trained on a bigger
+    /// machine). Its `done.json` must hold exactly this spec's resolved config and data, so the cell's
+    /// identity (its key) is the same as if it had trained here; the path itself is not part of the key.
+    /// A relative path is relative to `$QTALE_HOME` (e.g. `runs/qtale-300x8x256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
 }
 
 impl TrainSpec {
@@ -491,6 +497,9 @@ fn train_key(base: &Base, spec: &TrainSpec) -> Result<String> {
 
 /// Run (or reuse, or resume) the training stage.
 fn stage_train(base: &Base, spec: &TrainSpec, env: &Env) -> Result<(PathBuf, TrainOutcome)> {
+    if let Some(run) = &spec.from {
+        return finished_run(run, spec);
+    }
     let dir = env.cache.join("train").join(train_key(base, spec)?);
     let done = dir.join("done.json");
     if done.is_file() && !env.fresh {
@@ -510,6 +519,60 @@ fn stage_train(base: &Base, spec: &TrainSpec, env: &Env) -> Result<(PathBuf, Tra
     )?;
     write_json_atomic(&done, &out)?;
     Ok((dir, out))
+}
+
+/// A finished `train` run standing in for the training stage: it must be the same training (resolved
+/// config and data equal field by field) and hold the adapter and router files.
+fn finished_run(run: &Path, spec: &TrainSpec) -> Result<(PathBuf, TrainOutcome)> {
+    let run = &qtale_model::load::qtale_home().join(run);
+    let done: TrainOutcome = read_json(&run.join("done.json")).with_context(|| {
+        format!(
+            "train.from = {}: not a finished training run",
+            run.display()
+        )
+    })?;
+    let want = serde_json::json!({"config": spec.resolve()?, "data": spec.data});
+    let have = serde_json::json!({"config": done.config, "data": done.data});
+    let mut diffs = Vec::new();
+    json_diffs("", &want, &have, &mut diffs);
+    ensure!(
+        diffs.is_empty(),
+        "train.from = {}: the run was trained with a different config: {}",
+        run.display(),
+        diffs.join(", ")
+    );
+    for f in ["lora.safetensors", "router.safetensors"] {
+        ensure!(
+            run.join(f).is_file(),
+            "train.from = {}: {f} is missing",
+            run.display()
+        );
+    }
+    Ok((run.to_path_buf(), done))
+}
+
+/// `path: want (spec) vs have (run)` for every leaf where two JSON values differ.
+fn json_diffs(path: &str, want: &Value, have: &Value, out: &mut Vec<String>) {
+    match (want, have) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                json_diffs(
+                    &p,
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        _ if want != have => out.push(format!("{path}: {want} (spec) vs {have} (run)")),
+        _ => {}
+    }
 }
 
 /// The dense model of a cell: the base, with the trained LoRA merged when `train` is given.
@@ -696,6 +759,10 @@ pub fn key_for(cell: &CellConfig) -> Result<String> {
     if let Some(o) = v.as_object_mut() {
         o.remove("name");
         o.insert("model".into(), base.id());
+        // `train.from` names where a training came from, not what it was.
+        if let Some(t) = o.get_mut("train").and_then(Value::as_object_mut) {
+            t.remove("from");
+        }
     }
     Ok(key_of(&v))
 }

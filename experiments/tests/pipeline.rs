@@ -237,6 +237,37 @@ fn miniature_pipeline_end_to_end_and_resumed() {
     for (x, y) in r2[0].tasks.iter().zip(&dllm.tasks) {
         assert_eq!((x.acc, x.exec_ratio), (y.acc, y.exec_ratio));
     }
+
+    // `train.from`: a finished run stands in for the training stage. Same key, same scores, and a
+    // fresh cache gets no training directory; a run of another config is a named error.
+    let run = std::fs::read_dir(tmp.path().join("cache").join("train"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| {
+            std::fs::read_to_string(d.join("done.json")).is_ok_and(|s| s.contains("\"dllm\""))
+        })
+        .unwrap();
+    let with_from = |steps: usize| {
+        CONFIG
+            .replace(
+                "preset = \"dllm\"",
+                &format!("preset = \"dllm\"\nfrom = {:?}", p(&run)),
+            )
+            .replacen("steps = 3", &format!("steps = {steps}"), 1)
+    };
+    std::fs::write(&cfg, with_from(3)).unwrap();
+    let mut from = one.clone();
+    from.out = Some(tmp.path().join("out-from"));
+    from.cache = Some(tmp.path().join("cache-from"));
+    let (_, _, r3) = run_grid(&from, "mini", None).unwrap();
+    assert_eq!(r3[0].key, dllm.key);
+    for (x, y) in r3[0].tasks.iter().zip(&dllm.tasks) {
+        assert_eq!((x.acc, x.exec_ratio), (y.acc, y.exec_ratio));
+    }
+    assert!(!tmp.path().join("cache-from").join("train").exists());
+    std::fs::write(&cfg, with_from(4)).unwrap();
+    let err = format!("{:#}", run_grid(&from, "mini", None).unwrap_err());
+    assert!(err.contains("config.steps: 4 (spec) vs 3 (run)"), "{err}");
 }
 
 /// A complete quantized HF directory (GPTQ and AWQ layouts, as hub checkpoints come) loads through the
