@@ -72,6 +72,16 @@ pub struct GridArgs {
     pub quiet: bool,
 }
 
+/// For binaries that measure all their variants in one process (side by side): `--cell` and `--merge`
+/// select or merge stored cells, which such a binary does not have.
+pub fn reject_cell_flags(a: &GridArgs, binary: &str) -> Result<()> {
+    ensure!(
+        a.cell.is_none() && !a.merge,
+        "`{binary}` measures its variants side by side in one process: --cell and --merge do not apply"
+    );
+    Ok(())
+}
+
 /// A parameter sweep over one cell field.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

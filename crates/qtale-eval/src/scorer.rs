@@ -115,6 +115,9 @@ impl Decoder for Llama {
 /// executed for [`Decoder::take_exec_stats`].
 pub struct RoutedDecoder<M, R> {
     pub routed: RoutedLlama<M, R>,
+    /// Collect execution statistics on every forward (default). Timing runs turn it off: the
+    /// statistics (visible keys per layer, per-token FLOPs) are bookkeeping the dense model does not do.
+    pub collect_stats: bool,
     exec: RefCell<Option<ExecSummary>>,
 }
 
@@ -122,6 +125,7 @@ impl<M: Borrow<Llama>, R: Router> RoutedDecoder<M, R> {
     pub fn new(routed: RoutedLlama<M, R>) -> Self {
         RoutedDecoder {
             routed,
+            collect_stats: true,
             exec: RefCell::new(None),
         }
     }
@@ -140,7 +144,7 @@ impl<M: Borrow<Llama>, R: Router> Decoder for RoutedDecoder<M, R> {
     fn forward_hidden(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let opts = ForwardOptions {
             forced: None,
-            stats: true,
+            stats: self.collect_stats,
         };
         let out = self
             .routed

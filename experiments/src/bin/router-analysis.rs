@@ -9,7 +9,9 @@ use clap::Parser;
 use serde::Serialize;
 
 use experiments::cell::build_model;
-use experiments::grid::{config_path, env_of, to_cell, ExperimentFile, GridArgs};
+use experiments::grid::{
+    config_path, env_of, reject_cell_flags, to_cell, ExperimentFile, GridArgs,
+};
 use experiments::plot;
 use qtale_router::{analyze, AnalysisOptions, RouterAnalysis};
 
@@ -41,6 +43,7 @@ struct Row {
 fn main() -> Result<()> {
     let a = Cli::parse();
     let binary = "router-analysis";
+    reject_cell_flags(&a.grid, binary)?;
     let file = ExperimentFile::read(&config_path(&a.grid, binary))?;
     let env = env_of(&a.grid, binary)?;
     std::fs::create_dir_all(&env.out).with_context(|| format!("creating {}", env.out.display()))?;

@@ -10,9 +10,13 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use experiments::cell::build_model;
-use experiments::grid::{config_path, env_of, to_cell, ExperimentFile, GridArgs};
+use experiments::grid::{
+    config_path, env_of, reject_cell_flags, to_cell, ExperimentFile, GridArgs,
+};
 use qtale_eval::{Decoder, RoutedDecoder};
 use qtale_model::model::KvCache;
+use qtale_model::Llama;
+use qtale_router::DllmRouter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +58,27 @@ fn cache_bytes(c: &KvCache) -> usize {
     c.layers.iter().map(|l| b(&l.k) + b(&l.v)).sum()
 }
 
+/// One variant under measurement: the dense model of its cell, routed when the cell has routers.
+struct Variant<'a> {
+    name: String,
+    dense: &'a Llama,
+    routed: Option<RoutedDecoder<&'a Llama, DllmRouter>>,
+    theta: Option<f64>,
+    prompt: Vec<i64>,
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    kv: usize,
+}
+
+impl Variant<'_> {
+    fn decoder(&self) -> &dyn Decoder {
+        match &self.routed {
+            Some(r) => r,
+            None => self.dense,
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -88,10 +113,11 @@ fn main() -> Result<()> {
         "--prompt-len >= 2, --decode-tokens >= 1 and --reps >= 1"
     );
     let binary = "speed";
+    reject_cell_flags(&a.grid, binary)?;
     let file = ExperimentFile::read(&config_path(&a.grid, binary))?;
     let env = env_of(&a.grid, binary)?;
     std::fs::create_dir_all(&env.out).with_context(|| format!("creating {}", env.out.display()))?;
-    let mut rows: Vec<Row> = Vec::new();
+    let mut cells = Vec::new();
     for v in file.expand()? {
         let cell = to_cell(v, &a.grid)?;
         if a.grid.list {
@@ -99,57 +125,90 @@ fn main() -> Result<()> {
             continue;
         }
         let built = build_model(&cell, &env)?;
+        cells.push((cell, built));
+    }
+    if a.grid.list {
+        return Ok(());
+    }
+    // Every variant is built first, then timed in interleaved rounds (one run of each variant per
+    // round), so a drift of the machine's speed during the run hits all variants alike.
+    let mut variants: Vec<Variant> = Vec::new();
+    for (cell, built) in &cells {
         let prompt: Vec<i64> =
             qtale_model::corpus::heldout_windows(&built.lm.tokenizer, 1, a.prompt_len)?
                 .pop()
                 .context("no held-out text (run `bash scripts/setup.sh`)")?;
-        let (routed, theta) = match built.routed(&cell, &env)? {
-            Some(r) => (Some(RoutedDecoder::new(r.model)), r.theta.report.chosen),
+        let (routed, theta) = match built.routed(cell, &env)? {
+            Some(r) => {
+                let mut d = RoutedDecoder::new(r.model);
+                d.collect_stats = false;
+                (Some(d), r.theta.report.chosen.map(|p| p.theta))
+            }
             None => (None, None),
         };
-        let d: &dyn Decoder = match &routed {
-            Some(r) => r,
-            None => &built.lm.model,
+        let v = Variant {
+            name: cell.name.clone(),
+            dense: &built.lm.model,
+            routed,
+            theta,
+            prompt,
+            prefill: Vec::new(),
+            decode: Vec::new(),
+            kv: 0,
         };
-        run_once(d, &prompt[..prompt.len().min(16)], 2)?; // warm-up
-        d.take_exec_stats();
-        let (mut pre, mut dec, mut kv) = (Vec::new(), Vec::new(), 0);
-        for _ in 0..a.reps {
-            let (p, t, k) = run_once(d, &prompt, a.decode_tokens)?;
-            pre.push(prompt.len() as f64 / p);
-            dec.push(a.decode_tokens as f64 / t);
-            kv = k;
+        run_once(v.decoder(), &v.prompt[..v.prompt.len().min(16)], 2)?; // warm-up
+        variants.push(v);
+    }
+    for _ in 0..a.reps {
+        for v in &mut variants {
+            let (p, t, k) = run_once(v.decoder(), &v.prompt, a.decode_tokens)?;
+            v.prefill.push(v.prompt.len() as f64 / p);
+            v.decode.push(a.decode_tokens as f64 / t);
+            v.kv = k;
         }
-        let exec = d.take_exec_stats().map(|e| e.ratio());
-        let (p, t) = (median(pre), median(dec));
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let mut runs = serde_json::Map::new();
+    for mut v in variants {
+        // The execution ratio from one more run with statistics on (not timed).
+        let exec = match v.routed.as_mut() {
+            Some(r) => {
+                r.collect_stats = true;
+                run_once(&*r, &v.prompt, a.decode_tokens)?;
+                r.take_exec_stats().map(|e| e.ratio())
+            }
+            None => None,
+        };
+        let (p, t) = (median(v.prefill.clone()), median(v.decode.clone()));
         let (p0, t0) = rows
             .first()
             .map_or((p, t), |r| (r.prefill_tok_s, r.decode_tok_s));
         println!(
             "{:<22} prefill {:>8.1} tok/s ({:.2}x)  decode {:>6.2} tok/s ({:.2}x)  weights {:>7.1} MB  KV {:>6.2} MB{}",
-            cell.name,
+            v.name,
             p,
             p / p0,
             t,
             t / t0,
-            d.weight_bytes() as f64 / 1e6,
-            kv as f64 / 1e6,
+            v.decoder().weight_bytes() as f64 / 1e6,
+            v.kv as f64 / 1e6,
             exec.map_or(String::new(), |e| format!("  ratio {e:.3}"))
         );
         rows.push(Row {
-            variant: cell.name.clone(),
-            theta: theta.map(|p| p.theta),
+            variant: v.name.clone(),
+            theta: v.theta,
             exec_ratio: exec,
             prefill_tok_s: p,
             decode_tok_s: t,
             prefill_speedup: p / p0,
             decode_speedup: t / t0,
-            weight_bytes: d.weight_bytes(),
-            kv_bytes: kv,
+            weight_bytes: v.decoder().weight_bytes(),
+            kv_bytes: v.kv,
         });
-    }
-    if a.grid.list {
-        return Ok(());
+        runs.insert(
+            v.name.clone(),
+            serde_json::json!({"prefill_tok_s": v.prefill, "decode_tok_s": v.decode}),
+        );
     }
     let mut w = csv::Writer::from_path(env.out.join("speed.csv"))?;
     for r in &rows {
@@ -160,7 +219,8 @@ fn main() -> Result<()> {
     let json = serde_json::json!({"experiment": file, "git_revision": rev, "git_dirty": dirty,
         "date_utc": qtale_eval::report::utc_now(), "threads": tch::get_num_threads(),
         "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens, "reps": a.reps,
-        "kind": format!("{:?}", Kind::Float), "rows": rows});
+        "kind": format!("{:?}", Kind::Float), "rows": rows, "runs_per_round": runs,
+        "timing": "variants interleaved per round; statistics off while timed"});
     std::fs::write(
         env.out.join("speed.json"),
         serde_json::to_string_pretty(&json)?,
