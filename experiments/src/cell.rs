@@ -498,7 +498,7 @@ fn train_key(base: &Base, spec: &TrainSpec) -> Result<String> {
 /// Run (or reuse, or resume) the training stage.
 fn stage_train(base: &Base, spec: &TrainSpec, env: &Env) -> Result<(PathBuf, TrainOutcome)> {
     if let Some(run) = &spec.from {
-        return finished_run(run, spec);
+        return finished_run(base, run, spec);
     }
     let dir = env.cache.join("train").join(train_key(base, spec)?);
     let done = dir.join("done.json");
@@ -509,7 +509,7 @@ fn stage_train(base: &Base, spec: &TrainSpec, env: &Env) -> Result<(PathBuf, Tra
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     let mut lm = base.load(env.device)?;
-    let out = run_training(
+    let mut out = run_training(
         &mut lm.model,
         &lm.tokenizer,
         spec.resolve()?,
@@ -517,13 +517,14 @@ fn stage_train(base: &Base, spec: &TrainSpec, env: &Env) -> Result<(PathBuf, Tra
         &dir,
         env.quiet,
     )?;
+    out.model = Some(base.id());
     write_json_atomic(&done, &out)?;
     Ok((dir, out))
 }
 
 /// A finished `train` run standing in for the training stage: it must be the same training (resolved
 /// config and data equal field by field) and hold the adapter and router files.
-fn finished_run(run: &Path, spec: &TrainSpec) -> Result<(PathBuf, TrainOutcome)> {
+fn finished_run(base: &Base, run: &Path, spec: &TrainSpec) -> Result<(PathBuf, TrainOutcome)> {
     let run = &qtale_model::load::qtale_home().join(run);
     let done: TrainOutcome = read_json(&run.join("done.json")).with_context(|| {
         format!(
@@ -541,6 +542,20 @@ fn finished_run(run: &Path, spec: &TrainSpec) -> Result<(PathBuf, TrainOutcome)>
         run.display(),
         diffs.join(", ")
     );
+    // The file hash decides (the same file may sit at another path); sources are named in the error.
+    match &done.model {
+        Some(m) => ensure!(
+            m.get("sha256") == base.id().get("sha256"),
+            "train.from = {}: the run was trained on {m}, this cell's model is {}",
+            run.display(),
+            base.id()
+        ),
+        None => eprintln!(
+            "warning: train.from = {}: the run does not record its base model; assuming {}",
+            run.display(),
+            base.src
+        ),
+    }
     for f in ["lora.safetensors", "router.safetensors"] {
         ensure!(
             run.join(f).is_file(),
@@ -750,6 +765,11 @@ pub fn mean_nll(dec: &dyn Decoder, windows: &[Vec<i64>]) -> Result<f64> {
         max_windows: None,
     };
     Ok(perplexity(dec, &ids, &cfg)?.mean_nll)
+}
+
+/// How training runs and cells identify a base model: its source and file hash.
+pub fn model_identity(model: Option<&str>) -> Result<Value> {
+    Ok(Base::new(model)?.id())
 }
 
 /// The key of a cell: everything but its name, with the model identified by its file hash.

@@ -109,6 +109,10 @@ pub struct TrainOutcome {
     /// Mean training throughput over the logged steps of this invocation.
     pub tokens_per_s: f64,
     pub seconds: f64,
+    /// The base model trained on (`{"source", "sha256"}`), set by the caller that knows it; runs
+    /// written before this field existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<serde_json::Value>,
 }
 
 /// Train (or resume, when `out_dir` holds a checkpoint of the same config) and return the outcome. The
@@ -192,5 +196,6 @@ pub fn run_training(
         val_flip_rate: summary.val_diag.flip_rate,
         tokens_per_s,
         seconds: t0.elapsed().as_secs_f64(),
+        model: None,
     })
 }

@@ -268,6 +268,20 @@ fn miniature_pipeline_end_to_end_and_resumed() {
     std::fs::write(&cfg, with_from(4)).unwrap();
     let err = format!("{:#}", run_grid(&from, "mini", None).unwrap_err());
     assert!(err.contains("config.steps: 4 (spec) vs 3 (run)"), "{err}");
+    // A run of another base model (its recorded file hash differs) is refused too.
+    let done = run.join("done.json");
+    let mut d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&done).unwrap()).unwrap();
+    assert!(
+        d["model"]["sha256"].is_string(),
+        "the stage records its model"
+    );
+    d["model"]["sha256"] = "0".repeat(64).into();
+    std::fs::write(&done, d.to_string()).unwrap();
+    std::fs::write(&cfg, with_from(3)).unwrap();
+    std::fs::remove_dir_all(tmp.path().join("out-from")).unwrap();
+    let err = format!("{:#}", run_grid(&from, "mini", None).unwrap_err());
+    assert!(err.contains("the run was trained on"), "{err}");
 }
 
 /// A complete quantized HF directory (GPTQ and AWQ layouts, as hub checkpoints come) loads through the

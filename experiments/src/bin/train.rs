@@ -109,7 +109,8 @@ fn main() -> Result<()> {
         );
     }
     let mut lm = experiments::load_from_args(a.model.as_deref(), &a.device, &a.dtype)?;
-    let out = run_training(&mut lm.model, &lm.tokenizer, cfg, &data, &a.out, false)?;
+    let mut out = run_training(&mut lm.model, &lm.tokenizer, cfg, &data, &a.out, false)?;
+    out.model = Some(experiments::cell::model_identity(a.model.as_deref())?);
     println!(
         "done: {} steps; validation CE {:.4}, execution ratio {:.4}, router entropy {:.4}, logit gap {:.3}, flip rate {:.4}; {:.0} tokens/s",
         out.steps, out.val_ce, out.val_ratio, out.val_entropy, out.val_logit_gap, out.val_flip_rate, out.tokens_per_s
