@@ -146,17 +146,18 @@ impl<M: Borrow<Llama>, R: Router> Decoder for RoutedDecoder<M, R> {
             forced: None,
             stats: self.collect_stats,
         };
-        let out = self
-            .routed
-            .forward_cached(ids, Some(mask), cache, Mode::Infer, &opts)?;
-        if let Some(s) = &out.stats {
+        // The scorer applies the head to the continuation positions only.
+        let (hidden, stats) =
+            self.routed
+                .forward_hidden_cached(ids, Some(mask), cache, Mode::Infer, &opts)?;
+        if let Some(s) = &stats {
             let mut acc = self.exec.borrow_mut();
             match acc.as_mut() {
                 Some(a) => a.merge(&s.summary()),
                 None => *acc = Some(s.summary()),
             }
         }
-        Ok(out.hidden)
+        Ok(hidden)
     }
     fn head(&self, hidden: &Tensor) -> Tensor {
         self.routed.llama().lm_logits(hidden)

@@ -727,3 +727,43 @@ fn bad_inputs_give_errors() {
     assert_eq!(m, [1, 1, 1, 1, 0, 0]);
     assert!(CalibBatch::from_sequences(&[]).is_err());
 }
+
+/// The head-less forward (what scoring and generation use) is the full forward without its head: same
+/// hidden states, statistics and caches through a prefill and decode steps with real skipping, and the
+/// head applied to its hidden states gives the full forward's logits.
+#[test]
+fn hidden_only_forward_equals_full_forward() {
+    tch::set_num_threads(1);
+    let _g = tch::no_grad_guard();
+    let model = tiny_model(6, 3);
+    let c = cfg(1, 2, KvPolicy::Evict, 0.5);
+    let router = mixed_router(&c, &model, 9);
+    let routed = RoutedLlama::new(&model, &router, c).unwrap();
+    let (ids, mask) = padded_batch(10, 21);
+    let (mut ca, mut cb) = (
+        KvCache::new(model.layers.len()),
+        KvCache::new(model.layers.len()),
+    );
+    let mut skipped = 0.0;
+    for (start, len) in [(0i64, 7i64), (7, 1), (8, 1), (9, 1)] {
+        let (x, m) = (ids.narrow(1, start, len), mask.narrow(1, start, len));
+        let full = routed
+            .forward_cached(&x, Some(&m), &mut ca, Mode::Infer, &stats_opts())
+            .unwrap();
+        let (hidden, stats) = routed
+            .forward_hidden_cached(&x, Some(&m), &mut cb, Mode::Infer, &stats_opts())
+            .unwrap();
+        assert_eq!(max_abs_diff(&full.hidden, &hidden), 0.0);
+        assert_eq!(max_abs_diff(&model.lm_logits(&hidden), &full.logits), 0.0);
+        let (sa, sb) = (full.stats.unwrap(), stats.unwrap());
+        assert_eq!((sa.ratio, sa.kv_bytes), (sb.ratio, sb.kv_bytes));
+        skipped += 1.0 - sa.ratio;
+        for (la, lb) in ca.layers.iter().zip(&cb.layers) {
+            assert_eq!(la.len(), lb.len());
+        }
+    }
+    assert!(
+        skipped > 0.0,
+        "the router must skip something for this test to mean anything"
+    );
+}
