@@ -32,7 +32,7 @@ struct Cli {
     /// Tokens generated one at a time after the prompt (greedy, KV cache).
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
-    /// Repetitions; the median is reported.
+    /// Rounds (each times every variant once, interleaved); medians over rounds are reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
 }
@@ -169,6 +169,10 @@ fn main() -> Result<()> {
     }
     let mut rows: Vec<Row> = Vec::new();
     let mut runs = serde_json::Map::new();
+    // Speedups are the median over rounds of each round's ratio to the first variant: the rounds share
+    // the machine's state, so a slow round slows every variant in it alike.
+    let base = (variants[0].prefill.clone(), variants[0].decode.clone());
+    let per_round = |x: &[f64], y: &[f64]| median(x.iter().zip(y).map(|(a, b)| a / b).collect());
     for mut v in variants {
         // The execution ratio from one more run with statistics on (not timed).
         let exec = match v.routed.as_mut() {
@@ -180,16 +184,14 @@ fn main() -> Result<()> {
             None => None,
         };
         let (p, t) = (median(v.prefill.clone()), median(v.decode.clone()));
-        let (p0, t0) = rows
-            .first()
-            .map_or((p, t), |r| (r.prefill_tok_s, r.decode_tok_s));
+        let (ps, ts) = (per_round(&v.prefill, &base.0), per_round(&v.decode, &base.1));
         println!(
             "{:<22} prefill {:>8.1} tok/s ({:.2}x)  decode {:>6.2} tok/s ({:.2}x)  weights {:>7.1} MB  KV {:>6.2} MB{}",
             v.name,
             p,
-            p / p0,
+            ps,
             t,
-            t / t0,
+            ts,
             v.decoder().weight_bytes() as f64 / 1e6,
             v.kv as f64 / 1e6,
             exec.map_or(String::new(), |e| format!("  ratio {e:.3}"))
@@ -200,8 +202,8 @@ fn main() -> Result<()> {
             exec_ratio: exec,
             prefill_tok_s: p,
             decode_tok_s: t,
-            prefill_speedup: p / p0,
-            decode_speedup: t / t0,
+            prefill_speedup: ps,
+            decode_speedup: ts,
             weight_bytes: v.decoder().weight_bytes(),
             kv_bytes: v.kv,
         });
@@ -220,7 +222,7 @@ fn main() -> Result<()> {
         "date_utc": qtale_eval::report::utc_now(), "threads": tch::get_num_threads(),
         "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens, "reps": a.reps,
         "kind": format!("{:?}", Kind::Float), "rows": rows, "runs_per_round": runs,
-        "timing": "variants interleaved per round; statistics off while timed"});
+        "timing": "variants interleaved per round; statistics off while timed; tok/s: median over rounds; speedups: median over rounds of the ratio to the first variant in the same round"});
     std::fs::write(
         env.out.join("speed.json"),
         serde_json::to_string_pretty(&json)?,
