@@ -147,17 +147,17 @@ impl<M: Borrow<Llama>, R: Router> Decoder for RoutedDecoder<M, R> {
             stats: self.collect_stats,
         };
         // The scorer applies the head to the continuation positions only.
-        let (hidden, stats) =
-            self.routed
-                .forward_hidden_cached(ids, Some(mask), cache, Mode::Infer, &opts)?;
-        if let Some(s) = &stats {
+        let out = self
+            .routed
+            .forward_hidden_cached(ids, Some(mask), cache, Mode::Infer, &opts)?;
+        if let Some(s) = &out.stats {
             let mut acc = self.exec.borrow_mut();
             match acc.as_mut() {
                 Some(a) => a.merge(&s.summary()),
                 None => *acc = Some(s.summary()),
             }
         }
-        Ok(hidden)
+        Ok(out.hidden)
     }
     fn head(&self, hidden: &Tensor) -> Tensor {
         self.routed.llama().lm_logits(hidden)

@@ -26,6 +26,8 @@ pub use calibrate::{
 };
 pub use config::{KvPolicy, RoutingConfig};
 pub use error::{Result, RouterError};
-pub use routed::{hard_gumbel, CalibBatch, ForwardOptions, Mode, RoutedLlama, RoutedOutput};
+pub use routed::{
+    hard_gumbel, CalibBatch, ForwardOptions, Mode, RoutedHidden, RoutedLlama, RoutedOutput,
+};
 pub use router::{logits_from_mask, DenseRouter, DllmRouter, RandomRouter, Router, StaticRouter};
 pub use stats::{ExecStats, ExecSummary, FlopModel};

@@ -112,16 +112,18 @@ pub struct RoutedOutput {
     pub stats: Option<ExecStats>,
 }
 
-/// [`RoutedOutput`] without the logits (see [`RoutedLlama::forward_hidden_cached`]).
-struct Blocks {
-    hidden: Tensor,
-    router_logits: Vec<Option<Tensor>>,
-    gates: Vec<Option<Tensor>>,
-    exec: Tensor,
-    valid: Tensor,
-    positions: Tensor,
-    reserved: Tensor,
-    stats: Option<ExecStats>,
+/// [`RoutedOutput`] without the logits (see [`RoutedLlama::forward_hidden_cached`]); the fields mean
+/// the same.
+#[derive(Debug)]
+pub struct RoutedHidden {
+    pub hidden: Tensor,
+    pub router_logits: Vec<Option<Tensor>>,
+    pub gates: Vec<Option<Tensor>>,
+    pub exec: Tensor,
+    pub valid: Tensor,
+    pub positions: Tensor,
+    pub reserved: Tensor,
+    pub stats: Option<ExecStats>,
 }
 
 impl RoutedOutput {
@@ -271,7 +273,7 @@ impl<M: Borrow<Llama>, R: Router> RoutedLlama<M, R> {
         mode: Mode,
         opts: &ForwardOptions,
     ) -> Result<RoutedOutput> {
-        let b = self.blocks(ids, attention_mask, cache, mode, opts)?;
+        let b = self.forward_hidden_cached(ids, attention_mask, cache, mode, opts)?;
         let logits = self.llama().lm_logits(&b.hidden);
         Ok(RoutedOutput {
             hidden: b.hidden,
@@ -286,9 +288,10 @@ impl<M: Borrow<Llama>, R: Router> RoutedLlama<M, R> {
         })
     }
 
-    /// [`RoutedLlama::forward_cached`] without the LM head: the final hidden states `[B, T, d]` and the
-    /// statistics. For callers that apply the head to a few positions only (scoring, generation): the
-    /// head over every position costs as much as ~8 of SmolLM2's 30 layers in a 256-token prefill.
+    /// [`RoutedLlama::forward_cached`] without the LM head (everything else: final hidden states,
+    /// decisions, statistics). For callers that apply the head to a few positions only (scoring,
+    /// generation): the head over every position costs as much as ~8 of SmolLM2's 30 layers in a
+    /// 256-token prefill.
     pub fn forward_hidden_cached(
         &self,
         ids: &Tensor,
@@ -296,20 +299,7 @@ impl<M: Borrow<Llama>, R: Router> RoutedLlama<M, R> {
         cache: &mut KvCache,
         mode: Mode,
         opts: &ForwardOptions,
-    ) -> Result<(Tensor, Option<ExecStats>)> {
-        let b = self.blocks(ids, attention_mask, cache, mode, opts)?;
-        Ok((b.hidden, b.stats))
-    }
-
-    /// The decoder blocks with routing and the final norm: everything of a forward but the head.
-    fn blocks(
-        &self,
-        ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        cache: &mut KvCache,
-        mode: Mode,
-        opts: &ForwardOptions,
-    ) -> Result<Blocks> {
+    ) -> Result<RoutedHidden> {
         let model = self.llama();
         let n_layers = model.layers.len();
         let p = prepare(model, ids, attention_mask, cache)?;
@@ -402,7 +392,7 @@ impl<M: Borrow<Llama>, R: Router> RoutedLlama<M, R> {
         } else {
             None
         };
-        Ok(Blocks {
+        Ok(RoutedHidden {
             hidden,
             router_logits,
             gates,

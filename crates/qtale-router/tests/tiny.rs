@@ -750,12 +750,13 @@ fn hidden_only_forward_equals_full_forward() {
         let full = routed
             .forward_cached(&x, Some(&m), &mut ca, Mode::Infer, &stats_opts())
             .unwrap();
-        let (hidden, stats) = routed
+        let h = routed
             .forward_hidden_cached(&x, Some(&m), &mut cb, Mode::Infer, &stats_opts())
             .unwrap();
-        assert_eq!(max_abs_diff(&full.hidden, &hidden), 0.0);
-        assert_eq!(max_abs_diff(&model.lm_logits(&hidden), &full.logits), 0.0);
-        let (sa, sb) = (full.stats.unwrap(), stats.unwrap());
+        assert_eq!(max_abs_diff(&full.hidden, &h.hidden), 0.0);
+        assert_eq!(max_abs_diff(&model.lm_logits(&h.hidden), &full.logits), 0.0);
+        assert!(full.exec.equal(&h.exec));
+        let (sa, sb) = (full.stats.unwrap(), h.stats.unwrap());
         assert_eq!((sa.ratio, sa.kv_bytes), (sb.ratio, sb.kv_bytes));
         skipped += 1.0 - sa.ratio;
         for (la, lb) in ca.layers.iter().zip(&cb.layers) {

@@ -184,7 +184,10 @@ fn main() -> Result<()> {
             None => None,
         };
         let (p, t) = (median(v.prefill.clone()), median(v.decode.clone()));
-        let (ps, ts) = (per_round(&v.prefill, &base.0), per_round(&v.decode, &base.1));
+        let (ps, ts) = (
+            per_round(&v.prefill, &base.0),
+            per_round(&v.decode, &base.1),
+        );
         println!(
             "{:<22} prefill {:>8.1} tok/s ({:.2}x)  decode {:>6.2} tok/s ({:.2}x)  weights {:>7.1} MB  KV {:>6.2} MB{}",
             v.name,
