@@ -21,7 +21,7 @@ Regenerate the fixture (from the repository root, after `bash scripts/setup.sh`)
   ~/.cache/qtale/venv/bin/pip install -r scripts/requirements-lm-eval.txt
   cargo run --release --bin convert-gguf -- --out /tmp/smollm2-hf
   ~/.cache/qtale/venv/bin/python scripts/lm_eval_parity.py --model-dir /tmp/smollm2-hf \
-      --out crates/qtale-eval/tests/fixtures/lm_eval_parity.json
+      --out qtale-eval/tests/fixtures/lm_eval_parity.json
 
 Throughput comparison (lm-eval + transformers on the same docs and CPU, no fixture written):
 

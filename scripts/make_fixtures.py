@@ -11,7 +11,7 @@ tokenizers, safetensors, gguf, numpy, accelerate, ...) into the running venv wit
 version, then re-executes itself. Everything is deterministic (fixed seeds, CPU, float32, eager attention);
 running it twice gives byte-identical files. `--skip-smollm2` writes only the tiny models.
 
-Output, all under `crates/qtale-model/tests/fixtures/` (a README.md there describes the formats):
+Output, all under `qtale-model/tests/fixtures/` (a README.md there describes the formats):
 
 * `tiny/<name>/` for name in mha_untied, gqa_tied, gqa_llama3, linear_rope, sharded: a tiny random
   `LlamaForCausalLM` (vocab 96, hidden 32, FFN 64, 2 layers, 4 heads, head_dim 8) saved with HF

@@ -44,7 +44,7 @@ done
 echo "$TORCH_VERSION" > "$LT/build-version.tmp" && mv "$LT/build-version.tmp" "$LT/build-version"
 # The rpath names the real torch/lib (not the link) so libtorch's own $ORIGIN-relative RUNPATHs
 # (to the nvidia/* runtime wheels) resolve. DT_RPATH (--disable-new-dtags) is inherited by nested dlopens.
-# (libtorch_cuda is linked by crates/qtale-model/build.rs when this torch has it, so CUDA is visible.)
+# (libtorch_cuda.so is dlopened by qtale-model/src/cuda.rs before the first CUDA query, so CUDA is visible.)
 FLAGS="\"-C\", \"link-arg=-Wl,--disable-new-dtags,-rpath,$TORCH_DIR/lib\""
 want="# Written by scripts/setup.sh; do not edit or commit.
 [env]

@@ -11,7 +11,7 @@ use qtale_model::load::{default_gguf_path, parse_device, parse_dtype};
 use qtale_model::{load_model, LoadedModel, ModelSource};
 
 /// A fixed English paragraph for the quickstart's perplexity. It is the paragraph of the parity fixture
-/// `crates/qtale-model/tests/fixtures/smollm2_logits.json` (HF transformers: perplexity 13.365 for
+/// `qtale-model/tests/fixtures/smollm2_logits.json` (HF transformers: perplexity 13.365 for
 /// SmolLM2-135M-Instruct, no BOS), so the printed number can be checked against a reference.
 pub const PARAGRAPH: &str = "The river runs through the middle of the town, and most of the old houses were built close to its banks. In the spring, when the snow melts in the mountains, the water rises quickly and sometimes floods the lower streets. For this reason, the town council decided many years ago to build a stone wall along the river. Today the wall is a popular place for people to walk in the evening, and children often sit on it to watch the boats go by. Visitors who come to the town in summer can rent a small boat and row up the river to the lake, where there is a quiet beach and a restaurant that serves fresh fish.";
 
@@ -46,7 +46,7 @@ mod tests {
     fn paragraph_is_the_fixture_paragraph() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../crates/qtale-model/tests/fixtures/smollm2_logits.json"
+            "/../qtale-model/tests/fixtures/smollm2_logits.json"
         );
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
