@@ -10,7 +10,7 @@
 //! `out/cells/<key>.json`; rerunning skips it.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -23,12 +23,14 @@ use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
 use qtale_eval::ppl::{perplexity, WindowConfig};
 use qtale_eval::report::{git_state, model_hash, utc_now};
 use qtale_eval::run::{evaluate_task, TaskResult};
-use qtale_eval::{load_task, Decoder, EncodeConfig, LmScorer, RoutedDecoder, TaskId};
-use qtale_model::quantize::{
-    load_quantized, quantize_model, save_quantized, Method, QuantizeOptions,
-};
+use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
+use qtale_model::ptq::{quantize_model, PtqOptions};
+use qtale_model::quantized_io::{load_quantized, save_quantized};
+use qtale_model::Decoder;
 use qtale_model::{Llama, LoadedModel, ModelSource};
+use qtale_quant::method::{Calibration, Quantizer};
 use qtale_quant::QuantConfig;
+use qtale_router::RoutedDecoder;
 use qtale_router::{
     calibrate_grid, calibrate_ratio, measure, BisectOptions, CalibBatch, DllmRouter,
     ForwardOptions, Mode, RoutedLlama, ThetaReport,
@@ -74,8 +76,11 @@ impl TrainSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantSpec {
-    /// rtn, gptq or awq.
+    /// A registered method: rtn, gptq, awq, ... (`qtale_quant::method::names`).
     pub method: String,
+    /// The method's own options (e.g. AWQ's `eval_rows`); each method rejects keys it does not know.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub options: Value,
     pub bits: u32,
     /// Input columns per group; default: 128 where it divides every linear's input size, else 64,
     /// else 32 (method.md section 3).
@@ -104,7 +109,7 @@ impl QuantSpec {
         self.config_for(self.group_size.unwrap_or(32)).map(|_| ())
     }
 
-    pub fn resolve(&self, model: &Llama) -> Result<(Method, QuantConfig)> {
+    pub fn resolve(&self, model: &Llama) -> Result<(Arc<dyn Quantizer>, QuantConfig)> {
         let c = &model.config;
         let group = match self.group_size {
             Some(g) => g,
@@ -118,10 +123,8 @@ impl QuantSpec {
         self.config_for(group)
     }
 
-    fn config_for(&self, group: usize) -> Result<(Method, QuantConfig)> {
-        let method: Method = self
-            .method
-            .parse()
+    fn config_for(&self, group: usize) -> Result<(Arc<dyn Quantizer>, QuantConfig)> {
+        let method = qtale_quant::quantizer(&self.method, &self.options)
             .with_context(|| format!("quant.method `{}`", self.method))?;
         let mut v = serde_json::to_value(QuantConfig::new(self.bits, group)?)?;
         merge_json(&mut v, &Value::Object(self.config.clone()));
@@ -615,7 +618,7 @@ fn stage_quant(
     let (method, qc) = spec.resolve(&lm.model)?;
     let key = key_of(
         &serde_json::json!({"stage": "quant", "parent": parent, "method": method.name(),
-        "config": qc, "calib": [spec.calib_sequences, spec.calib_len]}),
+        "options": spec.options, "config": qc, "calib": [spec.calib_sequences, spec.calib_len]}),
     );
     let dir = env.cache.join("quant").join(key);
     let done = dir.join("done.json");
@@ -624,8 +627,7 @@ fn stage_quant(
             .with_context(|| format!("loading quantized weights from {}", dir.display()))?;
         return read_json(&done);
     }
-    // RTN needs no calibration data.
-    let calib = if method == Method::Rtn {
+    let calib = if method.calibration() == Calibration::None {
         Vec::new()
     } else {
         let c = qtale_model::corpus::calibration_windows(
@@ -656,9 +658,11 @@ fn stage_quant(
             qc.group_size
         );
     }
-    let mut opts = QuantizeOptions::new(method, qc.clone());
-    opts.cache_dense = true;
-    let summary = quantize_model(&mut lm.model, &calib, &opts)?;
+    let opts = PtqOptions {
+        cache_dense: true,
+        ..Default::default()
+    };
+    let summary = quantize_model(&mut lm.model, &calib, &*method, &qc, &opts)?;
     save_quantized(&lm.model, &summary, &dir)?;
     let out = QuantOutcome {
         method: method.name().to_string(),

@@ -288,7 +288,8 @@ fn miniature_pipeline_end_to_end_and_resumed() {
 /// plain `load_model` with packed linears, and computes what the in-memory quantized model computes.
 #[test]
 fn quantized_hf_directories_load_through_load_model() {
-    use qtale_model::quantize::{quantize_model, save_quantized_hf_dir, Method, QuantizeOptions};
+    use qtale_model::ptq::{quantize_model, PtqOptions};
+    use qtale_model::quantized_io::save_quantized_hf_dir;
     use qtale_quant::packed::PackedLayout;
     let Some(gguf) = qtale_model::load::test_asset_gguf() else {
         return;
@@ -302,16 +303,17 @@ fn quantized_hf_directories_load_through_load_model() {
     let calib: Vec<Vec<i64>> = (0..4)
         .map(|i| (0..32).map(|t| (i * 977 + t * 131) % 49152).collect())
         .collect();
-    for (method, layout) in [
-        (Method::Gptq, PackedLayout::Gptq),
-        (Method::Rtn, PackedLayout::Awq),
-    ] {
+    for (method, layout) in [("gptq", PackedLayout::Gptq), ("rtn", PackedLayout::Awq)] {
         let mut lm =
             load_model(&ModelSource::HfDir(base.clone()), Device::Cpu, Kind::Float).unwrap();
-        let mut o = QuantizeOptions::new(method, qtale_quant::QuantConfig::new(4, 32).unwrap());
-        o.batch = 2;
-        let s = quantize_model(&mut lm.model, &calib, &o).unwrap();
-        let dir = tmp.path().join(format!("{}-{layout:?}", method.name()));
+        let q = qtale_quant::quantizer(method, &serde_json::Value::Null).unwrap();
+        let cfg = qtale_quant::QuantConfig::new(4, 32).unwrap();
+        let o = PtqOptions {
+            batch: 2,
+            ..Default::default()
+        };
+        let s = quantize_model(&mut lm.model, &calib, &*q, &cfg, &o).unwrap();
+        let dir = tmp.path().join(format!("{method}-{layout:?}"));
         save_quantized_hf_dir(&lm.model, &s, &dir, layout).unwrap();
         std::fs::copy(base.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
         let back = load_model(&ModelSource::HfDir(dir.clone()), Device::Cpu, Kind::Float).unwrap();
@@ -324,9 +326,7 @@ fn quantized_hf_directories_load_through_load_model() {
         assert!(d <= 1e-5, "{method:?} {layout:?}: {d}");
     }
     // A broken quantization_config is a named error, through load_model too.
-    let dir = tmp
-        .path()
-        .join(format!("{}-{:?}", Method::Gptq.name(), PackedLayout::Gptq));
+    let dir = tmp.path().join(format!("gptq-{:?}", PackedLayout::Gptq));
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     std::fs::write(
         dir.join("config.json"),

@@ -27,8 +27,6 @@ pub enum EvalError {
     #[error(transparent)]
     Model(#[from] qtale_model::ModelError),
     #[error(transparent)]
-    Router(#[from] qtale_router::RouterError),
-    #[error(transparent)]
     Torch(#[from] tch::TchError),
     #[error("tokenizer: {0}")]
     Tokenizer(String),

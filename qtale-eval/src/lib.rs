@@ -8,8 +8,8 @@
 //!   CommonsenseQA, SciQ): where their docs are and how a row becomes `(context, continuation)` pairs.
 //! * [`encode`]: lm-eval's pair tokenization (trailing-space move, prefix token, BOS flag).
 //! * [`scorer`]: the [`scorer::Scorer`] interface and the batched, context-sharing [`scorer::LmScorer`]
-//!   over any [`scorer::Decoder`] (implemented for the dense `qtale_model::Llama`, quantized ones
-//!   included, and for routed decoders through [`scorer::RoutedDecoder`]).
+//!   over any `qtale_model::Decoder` (the dense `Llama`, quantized ones included, and the router
+//!   crate's `RoutedDecoder`): the harness depends on that interface, not on any model variant.
 //! * [`metrics`]: acc / acc_norm with standard errors, the CSQA-7 average.
 //! * [`ppl`]: perplexity over non-overlapping windows and KL divergence.
 //! * [`run`], [`report`]: scoring a task, and the results JSON / CSV / per-doc log.
@@ -25,7 +25,7 @@ pub mod tasks;
 
 pub use encode::EncodeConfig;
 pub use error::{EvalError, Result};
-pub use scorer::{Decoder, LlRequest, LlResult, LmScorer, RoutedDecoder, Scorer};
+pub use scorer::{LlRequest, LlResult, LmScorer, Scorer};
 pub use tasks::{load_task, McDoc, TaskData, TaskId};
 
 /// Re-exported for binaries that draw the progress bar.

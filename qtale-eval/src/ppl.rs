@@ -6,7 +6,7 @@ use tch::{Kind, Tensor};
 use qtale_model::model::KvCache;
 
 use crate::error::{EvalError, Result};
-use crate::scorer::Decoder;
+use qtale_model::Decoder;
 
 /// Windowing of a token stream.
 #[derive(Debug, Clone, Serialize)]

@@ -32,7 +32,7 @@ pub struct Efficiency {
     pub exec_ratio: Option<f64>,
     pub exec_ratio_per_layer: Option<Vec<f64>>,
     /// FLOPs relative to the dense model (1.0 for dense; executed layers, attention over the keys each
-    /// token sees, and the routers' own cost for routed decoders: `qtale_router::FlopModel`).
+    /// token sees, and the routers' own cost for routed decoders: `qtale_model::decoder::FlopModel`).
     pub flops_rel_dense: Option<f64>,
 }
 

@@ -2,24 +2,22 @@
 //!
 //! The model side of the harness sees only [`LlRequest`]s: a context and a continuation, as token ids.
 //! [`Scorer`] is the one interface every model variant answers through; [`LmScorer`] implements it for
-//! any [`Decoder`] (the dense [`Llama`] here; a quantized model is a `Llama` with packed linears, and a
-//! routed decoder implements [`Decoder`] itself).
+//! any [`Decoder`] (the model crate's interface: the dense [`Llama`], a quantized one, and the router
+//! crate's routed decoder).
 //!
 //! [`LmScorer`] groups requests by identical context tokens, runs each context once (prefill) and
 //! continues every continuation of the group from a copy of its KV cache; groups are sorted by length
 //! (longest first) and packed into batches of at most `batch_size` continuation rows. Contexts are
 //! left-padded and continuations right-padded; positions count real tokens only, so padding does not
 //! change a result beyond float rounding.
-use std::borrow::Borrow;
-use std::cell::RefCell;
 use std::collections::HashMap;
 
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use qtale_model::model::{KvCache, LayerCache};
+use qtale_model::decoder::{Decoder, ExecSummary};
+use qtale_model::model::KvCache;
 use qtale_model::Llama;
-use qtale_router::{ExecSummary, ForwardOptions, Mode, RoutedLlama, Router};
 
 use crate::error::{EvalError, Result};
 
@@ -69,124 +67,6 @@ pub trait Scorer {
     ) -> Result<Vec<LlResult>>;
     /// The counters since the last call, reset.
     fn take_stats(&mut self) -> ScoreStats;
-}
-
-/// The decoder interface the batched scorer needs. Dense, quantized and routed decoders implement it.
-pub trait Decoder {
-    fn num_layers(&self) -> usize;
-    fn device(&self) -> Device;
-    /// Longest sequence the model accepts (lm-eval's `max_length`).
-    fn max_length(&self) -> usize;
-    /// Run new tokens `ids: [B, T]` with `mask: [B, T]` (1 = token) through the body, continuing from
-    /// `cache`; returns the final normed hidden states `[B, T, d]`.
-    fn forward_hidden(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
-    /// The LM head: hidden states `[N, d]` to f32 logits `[N, vocab]`.
-    fn head(&self, hidden: &Tensor) -> Tensor;
-    /// Bytes of all weights as stored.
-    fn weight_bytes(&self) -> usize;
-    /// Execution statistics since the last call (routed decoders); `None` for dense ones.
-    fn take_exec_stats(&self) -> Option<ExecSummary> {
-        None
-    }
-}
-
-impl Decoder for Llama {
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-    fn device(&self) -> Device {
-        self.device
-    }
-    fn max_length(&self) -> usize {
-        self.config.max_position_embeddings
-    }
-    fn forward_hidden(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.forward_hidden_cached(ids, Some(mask), cache)?)
-    }
-    fn head(&self, hidden: &Tensor) -> Tensor {
-        self.lm_logits(hidden)
-    }
-    fn weight_bytes(&self) -> usize {
-        Llama::weight_bytes(self)
-    }
-}
-
-/// A routed decoder scored in inference mode (real skipping at its `theta`), collecting what it
-/// executed for [`Decoder::take_exec_stats`].
-pub struct RoutedDecoder<M, R> {
-    pub routed: RoutedLlama<M, R>,
-    /// Collect execution statistics on every forward (default). Timing runs turn it off: the
-    /// statistics (visible keys per layer, per-token FLOPs) are bookkeeping the dense model does not do.
-    pub collect_stats: bool,
-    exec: RefCell<Option<ExecSummary>>,
-}
-
-impl<M: Borrow<Llama>, R: Router> RoutedDecoder<M, R> {
-    pub fn new(routed: RoutedLlama<M, R>) -> Self {
-        RoutedDecoder {
-            routed,
-            collect_stats: true,
-            exec: RefCell::new(None),
-        }
-    }
-}
-
-impl<M: Borrow<Llama>, R: Router> Decoder for RoutedDecoder<M, R> {
-    fn num_layers(&self) -> usize {
-        self.routed.llama().layers.len()
-    }
-    fn device(&self) -> Device {
-        self.routed.llama().device
-    }
-    fn max_length(&self) -> usize {
-        self.routed.llama().config.max_position_embeddings
-    }
-    fn forward_hidden(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let opts = ForwardOptions {
-            forced: None,
-            stats: self.collect_stats,
-        };
-        // The scorer applies the head to the continuation positions only.
-        let out = self
-            .routed
-            .forward_hidden_cached(ids, Some(mask), cache, Mode::Infer, &opts)?;
-        if let Some(s) = &out.stats {
-            let mut acc = self.exec.borrow_mut();
-            match acc.as_mut() {
-                Some(a) => a.merge(&s.summary()),
-                None => *acc = Some(s.summary()),
-            }
-        }
-        Ok(out.hidden)
-    }
-    fn head(&self, hidden: &Tensor) -> Tensor {
-        self.routed.llama().lm_logits(hidden)
-    }
-    /// The decoder's weights plus the routers' (kept in high precision).
-    fn weight_bytes(&self) -> usize {
-        self.routed.llama().weight_bytes() + self.routed.router.weight_bytes()
-    }
-    fn take_exec_stats(&self) -> Option<ExecSummary> {
-        self.exec.borrow_mut().take()
-    }
-}
-
-/// Select batch rows of a cache (`rows: [R]` i64 indices), e.g. to continue one context per choice.
-pub fn select_cache_rows(cache: &KvCache, rows: &Tensor) -> KvCache {
-    let sel = |t: &Option<Tensor>| t.as_ref().map(|t| t.index_select(0, rows));
-    KvCache {
-        layers: cache
-            .layers
-            .iter()
-            .map(|l| LayerCache {
-                k: sel(&l.k),
-                v: sel(&l.v),
-                pos: sel(&l.pos),
-                valid: sel(&l.valid),
-            })
-            .collect(),
-        next_pos: sel(&cache.next_pos),
-    }
 }
 
 /// Truncate a request the way lm-eval does: the model input is `(context + continuation)` without its
@@ -424,7 +304,7 @@ impl<D: Decoder + ?Sized> LmScorer<'_, D> {
                     gather_row.push(r);
                 }
             }
-            let mut ccache = select_cache_rows(&cache, &row_item_t);
+            let mut ccache = cache.select_rows(&row_item_t);
             let cids_t = Tensor::from_slice(&cids).view([n_rows as i64, tk as i64]);
             let cmask_t = Tensor::from_slice(&cmask).view([n_rows as i64, tk as i64]);
             let h = self.model.forward_hidden(&cids_t, &cmask_t, &mut ccache)?;

@@ -12,9 +12,11 @@ use qtale_eval::ppl::{kl_divergence, perplexity, WindowConfig};
 use qtale_eval::run::{build_requests, evaluate_task, TaskResult};
 use qtale_eval::scorer::score_one_by_one;
 use qtale_eval::tasks::default_data_root;
-use qtale_eval::{load_task, Decoder, LlResult, LmScorer, RoutedDecoder, Scorer, TaskId};
+use qtale_eval::{load_task, LlResult, LmScorer, Scorer, TaskId};
 use qtale_model::load::default_gguf_path;
+use qtale_model::Decoder;
 use qtale_model::{load_model, LoadedModel, ModelSource};
+use qtale_router::RoutedDecoder;
 use qtale_router::{RoutedLlama, RoutingConfig, StaticRouter};
 
 fn skip() -> bool {

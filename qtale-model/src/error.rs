@@ -55,13 +55,20 @@ pub enum ModelError {
     Input(String),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// An error of a decoder implemented in another crate (a routed model's router), passed through the
+    /// [`crate::decoder::Decoder`] interface with its source kept.
+    #[error(transparent)]
+    Decoder(Box<dyn std::error::Error + Send + Sync>),
     /// A quantized checkpoint (GPTQ / AWQ layout) that cannot be loaded.
     #[error("{path}: quantized checkpoint: {source}")]
     Quantized {
         path: PathBuf,
         #[source]
-        source: Box<crate::quantize::QuantizeError>,
+        source: Box<qtale_quant::QuantError>,
     },
+    /// A quantizer or packed-format error outside a checkpoint (calibration, a method's options).
+    #[error(transparent)]
+    Quant(#[from] qtale_quant::QuantError),
 }
 
 impl ModelError {

@@ -8,20 +8,28 @@
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate, or built from GGUF metadata.
 //! * [`model`]: embedding, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, LM head, KV cache; the
 //!   decoder layer runs on any subset of tokens with given positions (the router crate relies on it).
+//! * [`decoder`]: the [`decoder::Decoder`] interface every model variant answers through (scorers,
+//!   perplexity, theta calibration), with FLOPs and execution accounting.
 //! * [`convert`]: GGUF -> HF directory (safetensors + config.json + tokenizer.json).
+//! * [`ptq`]: the LLaMA driver of post-training quantization (any `qtale_quant` method by name, block by
+//!   block on calibration windows); [`quantized_io`]: quantized checkpoints (a delta over the base, or
+//!   a hub-style GPTQ / AWQ directory).
 pub mod config;
 pub mod convert;
 pub mod corpus;
 pub mod cuda;
+pub mod decoder;
 pub mod error;
 pub mod gguf;
 pub mod load;
 pub mod model;
-pub mod quantize;
+pub mod ptq;
+pub mod quantized_io;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::{HfConfig, LlamaConfig, RopeScaling};
+pub use decoder::Decoder;
 pub use error::{ModelError, Result};
 pub use load::{load_model, LoadedModel, ModelSource};
 pub use model::{KvCache, Llama};

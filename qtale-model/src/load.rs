@@ -163,15 +163,16 @@ fn load_hf_dir(dir: &Path, device: Device, kind: Kind) -> Result<(Llama, tokeniz
     let hf = HfConfig::from_file(&cfg_path)?;
     let tok = tokenizer::load_tokenizer(&dir.join("tokenizer.json"))?;
     if hf.quantization_config.is_some() {
-        let model = crate::quantize::load_quantized_hf_dir(dir, device, kind, false).map_err(
-            |e| match e {
-                crate::quantize::QuantizeError::Model(m) => m,
-                other => ModelError::Quantized {
-                    path: dir.to_path_buf(),
-                    source: Box::new(other),
-                },
-            },
-        )?;
+        let model =
+            crate::quantized_io::load_quantized_hf_dir(dir, device, kind, false).map_err(|e| {
+                match e {
+                    ModelError::Quant(q) => ModelError::Quantized {
+                        path: dir.to_path_buf(),
+                        source: Box::new(q),
+                    },
+                    other => other,
+                }
+            })?;
         return Ok((model, tok));
     }
     let cfg = hf.resolve(&cfg_path)?;

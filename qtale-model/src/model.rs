@@ -10,53 +10,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 
-/// A linear map `y = x W^T (+ b)` with `W` of shape `[out, in]`. Dense here; the quantization crate adds
-/// packed implementations behind the same trait.
-pub trait Linear: std::fmt::Debug + Send {
-    fn forward(&self, x: &Tensor) -> Tensor;
-    fn in_features(&self) -> i64;
-    fn out_features(&self) -> i64;
-    /// The effective weight `[out, in]` (dequantized for packed formats), for calibration and merging.
-    fn weight(&self) -> Tensor;
-    /// Bytes the weight (and bias) occupy in memory as stored.
-    fn weight_bytes(&self) -> usize;
-    /// The bias `[out]`, if any (kept apart from `weight()` so merging and re-quantizing keep it).
-    fn bias(&self) -> Option<Tensor> {
-        None
-    }
-}
-
-/// Plain dense linear layer.
-#[derive(Debug)]
-pub struct DenseLinear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
-    t.numel() * t.kind().elt_size_in_bytes()
-}
-
-impl Linear for DenseLinear {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
-    }
-    fn in_features(&self) -> i64 {
-        self.weight.size()[1]
-    }
-    fn out_features(&self) -> i64 {
-        self.weight.size()[0]
-    }
-    fn weight(&self) -> Tensor {
-        self.weight.shallow_clone()
-    }
-    fn weight_bytes(&self) -> usize {
-        tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, tensor_bytes)
-    }
-    fn bias(&self) -> Option<Tensor> {
-        self.bias.as_ref().map(Tensor::shallow_clone)
-    }
-}
+/// The linears a model is built from (dense, packed, LoRA-wrapped) live in `qtale-quant`.
+pub use qtale_quant::linear::{tensor_bytes, DenseLinear, Linear};
 
 /// RMSNorm as HF computes it: in f32, cast back to the input dtype, then scaled by the weight.
 #[derive(Debug)]
@@ -185,6 +140,24 @@ impl KvCache {
     /// K/V bytes held for valid keys, over all layers.
     pub fn valid_bytes(&self) -> usize {
         self.layers.iter().map(LayerCache::valid_bytes).sum()
+    }
+
+    /// The cache of the batch rows `rows: [R]` (i64 indices), e.g. to continue one context per choice.
+    pub fn select_rows(&self, rows: &Tensor) -> KvCache {
+        let sel = |t: &Option<Tensor>| t.as_ref().map(|t| t.index_select(0, rows));
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerCache {
+                    k: sel(&l.k),
+                    v: sel(&l.v),
+                    pos: sel(&l.pos),
+                    valid: sel(&l.valid),
+                })
+                .collect(),
+            next_pos: sel(&self.next_pos),
+        }
     }
 }
 

@@ -8,7 +8,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::QuantConfig;
 use crate::error::{QuantError, Result};
-use crate::rtn::{fake, fake_quantize, group_params};
+use crate::method::{parse_options, BlockAccess, Calibration, Compressed, Needs, Quantizer};
+use crate::rtn::{fake, fake_quantize, group_params, quantize_rtn};
 
 /// Points of the alpha grid: `alpha = k / 20`, `k = 0..20` (0 means no scaling, i.e. plain RTN).
 pub const ALPHA_GRID: usize = 20;
@@ -167,4 +168,124 @@ pub fn search_clip(
         out_features: o as usize,
         n_groups: ng as usize,
     })
+}
+
+/// Options of the `awq` method (the reference's defaults).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwqOptions {
+    /// Calibration tokens scored by the scale search's output losses.
+    pub eval_rows: usize,
+    /// Input rows used by the clip search.
+    pub clip_rows: usize,
+    /// Clip grid points and the largest shrink (20 points down to 0.5).
+    pub clip_grid: usize,
+    pub max_shrink: f64,
+}
+
+impl Default for AwqOptions {
+    fn default() -> Self {
+        AwqOptions {
+            eval_rows: 4096,
+            clip_rows: 512,
+            clip_grid: 20,
+            max_shrink: 0.5,
+        }
+    }
+}
+
+/// AWQ as a [`Quantizer`]: on full-precision activations, for every input of the block whose
+/// producer can absorb a scale (LLaMA: the two norms and up_proj; not v_proj -> o_proj under
+/// grouped-query attention), search the scale on the output error of what consumes it, fold it; then a
+/// clip search per linear on the scaled inputs and RTN with those clips. The scales and clips are kept
+/// as the block's artefact.
+#[derive(Debug, Clone, Default)]
+pub struct Awq {
+    pub options: AwqOptions,
+}
+
+/// Registry factory.
+pub fn factory(options: &serde_json::Value) -> Result<Box<dyn Quantizer>> {
+    let o: AwqOptions = parse_options("awq", options)?;
+    if o.eval_rows == 0
+        || o.clip_rows == 0
+        || o.clip_grid == 0
+        || !(0.0..1.0).contains(&o.max_shrink)
+    {
+        return Err(QuantError::Config(
+            "awq options: eval_rows, clip_rows and clip_grid must be > 0, max_shrink in [0, 1)"
+                .into(),
+        ));
+    }
+    Ok(Box::new(Awq { options: o }))
+}
+
+impl Quantizer for Awq {
+    fn name(&self) -> &str {
+        "awq"
+    }
+    fn calibration(&self) -> Calibration {
+        Calibration::FullPrecision
+    }
+    fn needs(&self) -> Needs {
+        Needs {
+            absmean: true,
+            rows: self.options.eval_rows.max(self.options.clip_rows),
+            ..Needs::default()
+        }
+    }
+    fn quantize_block(&self, block: &mut dyn BlockAccess, cfg: &QuantConfig) -> Result<()> {
+        let n = block.n_inputs();
+        // 1. Scale search and folding, input by input in forward order.
+        let mut applied: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
+        let mut scales = serde_json::Map::new();
+        for (i, slot) in applied.iter_mut().enumerate() {
+            if !block.scalable(i) {
+                continue;
+            }
+            let names = block.linears(i);
+            let ws = names
+                .iter()
+                .map(|l| block.weight(l))
+                .collect::<Result<Vec<_>>>()?;
+            let wrefs: Vec<&Tensor> = ws.iter().collect();
+            let absmean = block.stats(i).absmean()?.shallow_clone();
+            let found = search_scales(&absmean, &wrefs, cfg, |fq| block.output_error(i, fq))?;
+            let s = found.tensor().to_device(ws[0].device());
+            block.scale_input(i, &s)?;
+            for (l, w) in names.iter().zip(&ws) {
+                block.set(l, Compressed::Dense(w * s.unsqueeze(0)))?;
+            }
+            scales.insert(names.join("+"), serde_json::to_value(&found).expect("json"));
+            *slot = Some(s);
+        }
+        // 2. Clip search on the scaled weights with the correspondingly scaled inputs, then RTN.
+        let mut clips = serde_json::Map::new();
+        for (i, s) in applied.iter().enumerate() {
+            let x = block.stats(i).rows()?.shallow_clone();
+            let x = match s {
+                Some(s) => &x / s.to_device(x.device()).unsqueeze(0),
+                None => x,
+            };
+            let x = x.narrow(0, 0, (self.options.clip_rows as i64).min(x.size()[0]));
+            for l in block.linears(i) {
+                let w = block.weight(l)?;
+                let clip =
+                    search_clip(&w, &x, cfg, self.options.clip_grid, self.options.max_shrink)?;
+                let q = quantize_rtn(&w, cfg, Some(&clip.tensor().to_device(w.device())))?;
+                block.set(
+                    l,
+                    Compressed::Quantized {
+                        weight: q,
+                        gptq: None,
+                    },
+                )?;
+                clips.insert(l.to_string(), serde_json::to_value(&clip).expect("json"));
+            }
+        }
+        block.record(serde_json::json!({
+            "layer": block.layer(), "scales": scales, "clips": clips,
+        }));
+        Ok(())
+    }
 }

@@ -8,9 +8,11 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::QuantConfig;
 use crate::error::{QuantError, Result};
+use crate::method::{
+    each_linear, no_options, BlockAccess, Calibration, Compressed, Needs, Quantizer,
+};
 use crate::rtn::group_params;
 use crate::weight::QuantizedWeight;
-use crate::WeightQuantizer;
 
 /// What one GPTQ solve did.
 #[derive(Debug, Clone, Serialize)]
@@ -33,8 +35,6 @@ pub struct Gptq {
     pub config: QuantConfig,
     h: Tensor,
     n: usize,
-    /// The report of the last [`WeightQuantizer::quantize`].
-    pub report: Option<GptqReport>,
 }
 
 impl Gptq {
@@ -47,7 +47,6 @@ impl Gptq {
                 (Kind::Float, device),
             ),
             n: 0,
-            report: None,
         })
     }
 
@@ -285,13 +284,37 @@ impl Gptq {
     }
 }
 
-impl WeightQuantizer for Gptq {
-    fn name(&self) -> &'static str {
+/// GPTQ as a [`Quantizer`]: Hessians from sequentially propagated calibration inputs, then the solver
+/// per linear (each linear of a shared input reuses that input's Hessian).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GptqMethod;
+
+/// Registry factory (`gptq` takes no options; its settings are [`QuantConfig`] fields).
+pub fn factory(options: &serde_json::Value) -> Result<Box<dyn Quantizer>> {
+    no_options("gptq", options)?;
+    Ok(Box::new(GptqMethod))
+}
+
+impl Quantizer for GptqMethod {
+    fn name(&self) -> &str {
         "gptq"
     }
-    fn quantize(&mut self, weight: &Tensor) -> Result<QuantizedWeight> {
-        let (q, r) = self.solve(weight)?;
-        self.report = Some(r);
-        Ok(q)
+    fn calibration(&self) -> Calibration {
+        Calibration::Sequential
+    }
+    fn needs(&self) -> Needs {
+        Needs {
+            hessian: true,
+            ..Needs::default()
+        }
+    }
+    fn quantize_block(&self, block: &mut dyn BlockAccess, _cfg: &QuantConfig) -> Result<()> {
+        each_linear(block, |_, w, stats| {
+            let (weight, rep) = stats.hessian()?.solve(w)?;
+            Ok(Compressed::Quantized {
+                weight,
+                gptq: Some(rep),
+            })
+        })
     }
 }

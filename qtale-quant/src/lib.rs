@@ -13,25 +13,29 @@
 //!   (`qweight`, `qzeros`, `scales`, `g_idx`, a typed `quantization_config`), save and load with named
 //!   errors, one in-memory form ([`packed::GptqPacked`]) and its conversion to the int4 CPU kernel.
 //!
-//! The model-level driver (calibration capture, sequential quantization) lives in `qtale-model`.
+//! * [`linear`]: the [`linear::Linear`] interface models are built from, the dense linear, and the
+//!   packed [`linear::QuantLinear`] that runs the int4 CPU kernel.
+//! * [`method`]: the seam to add a method: the [`method::Quantizer`] trait (calibration needs, one
+//!   block's compression), the block view a method works on ([`method::BlockAccess`]), and the registry
+//!   by name (`rtn`, `gptq`, `awq`, ...). Add a method = one file implementing `Quantizer` + one
+//!   registry line ([`method::register`] at run time, or the built-in list).
+//!
+//! The per-architecture driver (calibration capture, sequential blocks) lives in `qtale-model`
+//! (`qtale_model::ptq`), as the GPTQ reference keeps solver, driver and packed layer apart.
 pub mod awq;
 pub mod config;
 pub mod error;
 pub mod gptq;
+pub mod linear;
+pub mod method;
 pub mod packed;
 pub mod rtn;
 pub mod weight;
 
 pub use config::QuantConfig;
 pub use error::{QuantError, Result};
+pub use linear::{DenseLinear, Linear, QuantLinear};
+pub use method::{quantizer, Quantizer};
 /// The kernel crate, re-exported so users of the packed formats need no second dependency.
 pub use qtale_kernels as kernels;
 pub use weight::QuantizedWeight;
-
-/// The small core interface of a weight quantizer: turn a dense weight `[out, in]` into a
-/// [`QuantizedWeight`] using whatever statistics the quantizer has collected (none for RTN, a Hessian
-/// for GPTQ). Methods that need more (AWQ's block-level search) expose free functions instead.
-pub trait WeightQuantizer {
-    fn name(&self) -> &'static str;
-    fn quantize(&mut self, weight: &tch::Tensor) -> Result<QuantizedWeight>;
-}

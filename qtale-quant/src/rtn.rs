@@ -3,8 +3,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::QuantConfig;
 use crate::error::{QuantError, Result};
+use crate::method::{each_linear, no_options, BlockAccess, Calibration, Compressed, Quantizer};
 use crate::weight::QuantizedWeight;
-use crate::WeightQuantizer;
 
 /// Scale and zero point of each row of `w: [..., g]` (over its last dimension), shapes `[..., 1]`.
 /// `clip: [..., 1]` shrinks the range (`min * c`, `max * c`). Asymmetric: `scale = (max - min) / maxq`,
@@ -139,17 +139,29 @@ pub fn quantize_rtn(
     })
 }
 
-/// RTN as a [`WeightQuantizer`].
-#[derive(Debug, Clone)]
-pub struct Rtn {
-    pub config: QuantConfig,
+/// Round-to-nearest as a [`Quantizer`]: no calibration, each linear on its own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rtn;
+
+/// Registry factory (`rtn` takes no options).
+pub fn factory(options: &serde_json::Value) -> Result<Box<dyn Quantizer>> {
+    no_options("rtn", options)?;
+    Ok(Box::new(Rtn))
 }
 
-impl WeightQuantizer for Rtn {
-    fn name(&self) -> &'static str {
+impl Quantizer for Rtn {
+    fn name(&self) -> &str {
         "rtn"
     }
-    fn quantize(&mut self, weight: &Tensor) -> Result<QuantizedWeight> {
-        quantize_rtn(weight, &self.config, None)
+    fn calibration(&self) -> Calibration {
+        Calibration::None
+    }
+    fn quantize_block(&self, block: &mut dyn BlockAccess, cfg: &QuantConfig) -> Result<()> {
+        each_linear(block, |_, w, _| {
+            Ok(Compressed::Quantized {
+                weight: quantize_rtn(w, cfg, None)?,
+                gptq: None,
+            })
+        })
     }
 }

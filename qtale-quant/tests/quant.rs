@@ -7,7 +7,7 @@ use qtale_quant::packed::{
     GptqPacked, GptqQuantizationConfig, HfQuantizationConfig, PackedLayout, StoredLinear,
 };
 use qtale_quant::rtn::{fake_quantize, quantize_rtn};
-use qtale_quant::{QuantConfig, QuantError, WeightQuantizer};
+use qtale_quant::{QuantConfig, QuantError};
 use tch::{Kind, Tensor};
 
 fn seed(s: i64) {
@@ -137,9 +137,8 @@ fn gptq_beats_rtn_on_a_correlated_input_layer() {
             for chunk in x.split(512, 0) {
                 g.add_batch(&chunk).unwrap();
             }
-            let q = g.quantize(&w).unwrap();
+            let (q, rep) = g.solve(&w).unwrap();
             q.validate().unwrap();
-            let rep = g.report.clone().unwrap();
             assert_eq!(rep.samples, n as usize);
             let e = out_err(&w, &q.dequantize(), &held_out);
             eprintln!("bits {bits} act_order {act_order} static {static_groups}: gptq {e:.4} rtn {e_rtn:.4} ({rep:?})");
@@ -167,16 +166,15 @@ fn gptq_handles_dead_columns_and_escalates_damping() {
     };
     let mut g = Gptq::new(d as usize, c, tch::Device::Cpu).unwrap();
     g.add_batch(&x).unwrap();
-    let q = g.quantize(&w).unwrap();
-    let rep = g.report.clone().unwrap();
+    let (q, rep) = g.solve(&w).unwrap();
     assert_eq!(rep.dead_columns, 1);
     assert!(rep.damp >= 1e-9);
     eprintln!("{rep:?}");
     let dq = q.dequantize();
     assert!(dq.isfinite().all().int64_value(&[]) == 1);
     // no samples: a named error
-    let mut empty = Gptq::new(d as usize, cfg(4, 64), tch::Device::Cpu).unwrap();
-    assert!(matches!(empty.quantize(&w), Err(QuantError::NoSamples)));
+    let empty = Gptq::new(d as usize, cfg(4, 64), tch::Device::Cpu).unwrap();
+    assert!(matches!(empty.solve(&w), Err(QuantError::NoSamples)));
 }
 
 #[test]
@@ -240,7 +238,7 @@ fn gptq_layout_round_trips_and_rejects_malformed_checkpoints() {
         };
         let mut g = Gptq::new(d as usize, c.clone(), tch::Device::Cpu).unwrap();
         g.add_batch(&x).unwrap();
-        let q = g.quantize(&w).unwrap();
+        let (q, _) = g.solve(&w).unwrap();
         let p = GptqPacked::from_quantized(&q).unwrap();
         // codes exactly, scales to f16 precision
         assert!(p.to_quantized().codes.equal(&q.codes));

@@ -13,10 +13,11 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use qtale_model::decoder::ExecSummary;
 use qtale_model::load::default_gguf_path;
 use qtale_model::model::LayerCache;
 use qtale_model::{load_model, KvCache, Llama, ModelSource};
-use qtale_router::{ExecSummary, ForwardOptions, Mode, RandomRouter, RoutedLlama, RoutingConfig};
+use qtale_router::{ForwardOptions, Mode, RandomRouter, RoutedLlama, RoutingConfig};
 use tch::{Kind, Tensor};
 
 const PREFILL: i64 = 512;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, RouterError};
 use crate::routed::{CalibBatch, ForwardOptions, Mode, RoutedLlama};
 use crate::router::Router;
-use crate::stats::ExecSummary;
+use qtale_model::decoder::ExecSummary;
 
 /// One evaluated threshold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,13 +8,16 @@
 //! * [`routed`]: [`RoutedLlama`], training mode (hard Gumbel straight-through, masked) and inference mode
 //!   (gather the executing tokens per layer, run the block on them only, scatter back; prefill and
 //!   decode, batched).
-//! * [`stats`]: [`ExecStats`] per forward (execute bits, ratios, FLOPs, KV bytes) and the mergeable
-//!   [`ExecSummary`].
+//! * [`stats`]: [`ExecStats`] per forward (execute bits, ratios, FLOPs, KV bytes), summarized into the
+//!   model crate's mergeable `ExecSummary`.
+//! * [`decoder`]: [`RoutedDecoder`], the routed model behind the model crate's `Decoder` interface (what
+//!   scorers and perplexity use).
 //! * [`calibrate`]: theta by bisection to a target ratio, or by a grid search on a caller's score.
 //! * [`analysis`]: router logit-gap histograms and Gumbel flip rates per layer.
 pub mod analysis;
 pub mod calibrate;
 pub mod config;
+pub mod decoder;
 pub mod error;
 pub mod routed;
 pub mod router;
@@ -25,9 +28,10 @@ pub use calibrate::{
     calibrate_grid, calibrate_ratio, measure, BisectOptions, ThetaPoint, ThetaReport,
 };
 pub use config::{KvPolicy, RoutingConfig};
+pub use decoder::RoutedDecoder;
 pub use error::{Result, RouterError};
 pub use routed::{
     hard_gumbel, CalibBatch, ForwardOptions, Mode, RoutedHidden, RoutedLlama, RoutedOutput,
 };
 pub use router::{logits_from_mask, DenseRouter, DllmRouter, RandomRouter, Router, StaticRouter};
-pub use stats::{ExecStats, ExecSummary, FlopModel};
+pub use stats::ExecStats;

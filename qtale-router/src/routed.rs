@@ -19,7 +19,8 @@ use tch::{Kind, Tensor};
 use crate::config::{KvPolicy, RoutingConfig};
 use crate::error::{Result, RouterError};
 use crate::router::Router;
-use crate::stats::{ExecStats, FlopModel};
+use crate::stats::ExecStats;
+use qtale_model::decoder::FlopModel;
 
 /// Execution mode of a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use qtale_model::decoder::{ExecSummary, FlopModel};
 use qtale_model::{KvCache, Llama};
 use qtale_router::*;
 use tch::{Device, Kind, Tensor};

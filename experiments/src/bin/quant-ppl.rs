@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use qtale_model::corpus::{calibration_windows, heldout_windows};
-use qtale_model::quantize::{perplexity, quantize_model, Method, QuantizeOptions};
+use qtale_model::ptq::{quantize_model, PtqOptions};
 use qtale_quant::QuantConfig;
 
 #[derive(Parser, Debug)]
@@ -19,7 +19,7 @@ struct Args {
     /// GGUF file, HF directory, or hub repo id; default: SmolLM2-135M-Instruct from the set-up.
     #[arg(long)]
     model: Option<String>,
-    /// Comma-separated methods: rtn, gptq, awq.
+    /// Comma-separated registered methods: rtn, gptq, awq, ...
     #[arg(long, default_value = "rtn,gptq,awq", value_delimiter = ',')]
     methods: Vec<String>,
     /// Comma-separated bit widths (2, 3, 4, 8).
@@ -66,15 +66,27 @@ fn parse_nxl(s: &str) -> Result<(usize, usize)> {
     Ok((n.trim().parse()?, l.trim().parse()?))
 }
 
+/// `exp` of the mean next-token NLL over equal-length windows.
+fn perplexity(model: &qtale_model::Llama, windows: &[Vec<i64>]) -> Result<f64> {
+    Ok(experiments::cell::mean_nll(model, windows)?.exp())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let (cn, cl) = parse_nxl(&args.calib)?;
     let (en, el) = parse_nxl(&args.eval)?;
-    let methods: Vec<Method> = args
+    let methods = args
         .methods
         .iter()
-        .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
-        .collect::<Result<_>>()?;
+        .map(|m| {
+            let options = if m == "awq" {
+                serde_json::json!({ "eval_rows": args.awq_eval_rows })
+            } else {
+                serde_json::Value::Null
+            };
+            qtale_quant::quantizer(m, &options).with_context(|| format!("--methods {m}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let lm = experiments::load_from_args(args.model.as_deref(), &args.device, "f32")?;
     let calib = calibration_windows(&lm.tokenizer, cn, cl)?;
     let held = heldout_windows(&lm.tokenizer, en, el)?;
@@ -115,7 +127,7 @@ fn main() -> Result<()> {
         held.len()
     )?;
     for &bits in &args.bits {
-        for &m in &methods {
+        for m in &methods {
             let mut model =
                 experiments::load_from_args(args.model.as_deref(), &args.device, "f32")?.model;
             let config = QuantConfig {
@@ -123,13 +135,13 @@ fn main() -> Result<()> {
                 act_order: args.act_order,
                 ..QuantConfig::new(bits, args.group)?
             };
-            let mut opts = QuantizeOptions::new(m, config);
-            opts.max_layers = args.layers;
-            opts.cache_dense = true;
-            opts.awq_eval_rows = args.awq_eval_rows;
-            opts.batch = args.batch;
-            opts.verbose = args.verbose;
-            let s = quantize_model(&mut model, &calib, &opts)?;
+            let opts = PtqOptions {
+                max_layers: args.layers,
+                cache_dense: true,
+                batch: args.batch,
+                verbose: args.verbose,
+            };
+            let s = quantize_model(&mut model, &calib, &**m, &config, &opts)?;
             let t = Instant::now();
             let p = perplexity(&model, &held)?;
             let ev = t.elapsed().as_secs_f64();

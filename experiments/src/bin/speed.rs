@@ -13,10 +13,11 @@ use experiments::cell::build_model;
 use experiments::grid::{
     config_path, env_of, reject_cell_flags, to_cell, ExperimentFile, GridArgs,
 };
-use qtale_eval::{Decoder, RoutedDecoder};
 use qtale_model::model::KvCache;
+use qtale_model::Decoder;
 use qtale_model::Llama;
 use qtale_router::DllmRouter;
+use qtale_router::RoutedDecoder;
 
 #[derive(Parser, Debug)]
 #[command(
