@@ -17,10 +17,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
-use qtale_eval::ppl::{perplexity, WindowConfig};
 use qtale_eval::report::{git_state, model_hash, utc_now};
 use qtale_eval::run::{evaluate_task, TaskResult};
 use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
@@ -30,11 +29,9 @@ use qtale_model::Decoder;
 use qtale_model::{Llama, LoadedModel, ModelSource};
 use qtale_quant::method::{Calibration, Quantizer};
 use qtale_quant::QuantConfig;
+use qtale_router::kinds::{self, RouterBuild, TrainableRouter};
 use qtale_router::RoutedDecoder;
-use qtale_router::{
-    calibrate_grid, calibrate_ratio, measure, BisectOptions, CalibBatch, DllmRouter,
-    ForwardOptions, Mode, RoutedLlama, ThetaReport,
-};
+use qtale_router::{routed_nll, CalibBatch, RoutedLlama, ThetaReport, ThetaRule};
 use qtale_train::lora::Lora;
 use qtale_train::trainer::TrainConfig;
 
@@ -46,7 +43,8 @@ use crate::training::{run_training, DataSpec, TrainOutcome};
 pub struct TrainSpec {
     /// `dllm` or `qtale`.
     pub preset: String,
-    /// Any fields of `TrainConfig` (e.g. `steps`, `lambda_entropy`, `ratio_target`, `routing.hidden`).
+    /// Any fields of `TrainConfig` (e.g. `steps`, `loss.entropy.weight`, `loss.ratio.target`,
+    /// `router.kind`, `routing.hidden`).
     #[serde(default)]
     pub config: serde_json::Map<String, Value>,
     #[serde(default)]
@@ -146,58 +144,6 @@ impl QuantSpec {
     }
 }
 
-/// How the inference threshold theta is chosen (QTALE's post-training execution-ratio adjustment).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "rule", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ThetaRule {
-    /// A fixed threshold (D-LLM's 0.5: execute when p_exec >= 0.5).
-    Fixed { theta: f64 },
-    /// Rule (a): bisection to an execution ratio on the calibration windows.
-    Ratio {
-        target: f64,
-        #[serde(default = "default_ratio_tol")]
-        tol: f64,
-    },
-    /// Rule (b): the smallest execution ratio on `grid` whose calibration loss (mean NLL, nats) is
-    /// within `tolerance` of the dense model with the same quantization.
-    Tolerance {
-        tolerance: f64,
-        #[serde(default = "default_grid")]
-        grid: Vec<f64>,
-    },
-}
-
-fn default_ratio_tol() -> f64 {
-    0.01
-}
-fn default_grid() -> Vec<f64> {
-    vec![0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
-}
-
-impl ThetaRule {
-    fn validate(&self) -> Result<()> {
-        match self {
-            ThetaRule::Fixed { theta } => {
-                ensure!(
-                    (0.0..=1.0).contains(theta),
-                    "theta.theta {theta} not in [0, 1]"
-                )
-            }
-            ThetaRule::Ratio { target, tol } => ensure!(
-                (0.0..=1.0).contains(target) && *tol > 0.0,
-                "theta.target {target} must be in [0, 1] and theta.tol {tol} > 0"
-            ),
-            ThetaRule::Tolerance { tolerance, grid } => ensure!(
-                *tolerance >= 0.0
-                    && !grid.is_empty()
-                    && grid.iter().all(|t| (0.0..=1.0).contains(t)),
-                "theta.tolerance must be >= 0 and theta.grid a non-empty list of values in [0, 1]"
-            ),
-        }
-        Ok(())
-    }
-}
-
 /// Calibration windows for theta (non-evaluation text: CoQA + SQuAD).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -280,7 +226,8 @@ impl CellConfig {
                 "cell `{}`: a theta rule needs a routed model (a `train` section)",
                 self.name
             );
-            r.validate()?;
+            r.validate()
+                .with_context(|| format!("cell `{}`: theta", self.name))?;
         }
         ensure!(
             self.calib.sequences >= 1 && self.calib.len >= 16,
@@ -297,11 +244,9 @@ impl CellConfig {
     }
 
     pub fn theta_rule(&self) -> Option<ThetaRule> {
-        self.train.as_ref().map(|_| {
-            self.theta
-                .clone()
-                .unwrap_or(ThetaRule::Fixed { theta: 0.5 })
-        })
+        self.train
+            .as_ref()
+            .map(|_| self.theta.clone().unwrap_or_default())
     }
 }
 
@@ -686,16 +631,27 @@ pub struct Built {
 }
 
 impl Built {
-    /// The trained router and its routing config (routed cells).
+    /// The trained router (of the run's kind, loaded from its directory) and its routing config.
     pub fn router(
         &self,
-        device: Device,
-    ) -> Result<Option<(DllmRouter, qtale_router::RoutingConfig)>> {
+    ) -> Result<Option<(Box<dyn TrainableRouter>, qtale_router::RoutingConfig)>> {
         match &self.trained {
-            Some((dir, out)) => Ok(Some((
-                DllmRouter::load(&dir.join("router.safetensors"), device)?,
-                out.config.routing.clone(),
-            ))),
+            Some((dir, out)) => {
+                let c = &out.config;
+                let r = kinds::build(
+                    &c.router.kind,
+                    &RouterBuild {
+                        model: &self.lm.model,
+                        routing: &c.routing,
+                        options: &c.router.options,
+                        seed: c.seed,
+                        calib: &[],
+                        saved: Some(dir),
+                    },
+                )
+                .with_context(|| format!("loading the router of {}", dir.display()))?;
+                Ok(Some((r, c.routing.clone())))
+            }
             None => Ok(None),
         }
     }
@@ -703,7 +659,7 @@ impl Built {
 
 /// A cell's routed model at its chosen theta, with the calibration batches theta was chosen on.
 pub struct Routed<'a> {
-    pub model: RoutedLlama<&'a Llama, DllmRouter>,
+    pub model: RoutedLlama<&'a Llama, Box<dyn TrainableRouter>>,
     pub theta: ThetaOutcome,
     pub batches: Vec<CalibBatch>,
 }
@@ -712,8 +668,7 @@ impl Built {
     /// Stage 4 for routed cells: load the router and choose theta by the cell's rule on calibration
     /// text; `None` for dense cells.
     pub fn routed(&self, cell: &CellConfig, env: &Env) -> Result<Option<Routed<'_>>> {
-        let (Some((router, routing)), Some(rule)) = (self.router(env.device)?, cell.theta_rule())
-        else {
+        let (Some((router, routing)), Some(rule)) = (self.router()?, cell.theta_rule()) else {
             return Ok(None);
         };
         let mut model = RoutedLlama::new(&self.lm.model, router, routing)?;
@@ -759,16 +714,9 @@ pub fn build_model(cell: &CellConfig, env: &Env) -> Result<Built> {
     })
 }
 
-/// Mean next-token NLL over equal-length windows for any decoder (the theta rule's score).
+/// Mean next-token NLL over equal-length windows for any decoder ([`qtale_model::decoder::mean_nll`]).
 pub fn mean_nll(dec: &dyn Decoder, windows: &[Vec<i64>]) -> Result<f64> {
-    let ids: Vec<i64> = windows.concat();
-    let len = windows.first().map_or(0, Vec::len);
-    let cfg = WindowConfig {
-        window: len,
-        bos: None,
-        max_windows: None,
-    };
-    Ok(perplexity(dec, &ids, &cfg)?.mean_nll)
+    Ok(qtale_model::decoder::mean_nll(dec, windows)?)
 }
 
 /// How training runs and cells identify a base model: its source and file hash.
@@ -894,82 +842,44 @@ pub struct ThetaOutcome {
     pub reference_nll: Option<f64>,
 }
 
-/// Choose theta by `rule` on the calibration windows and leave `r` at it (method.md section 2.2).
-/// Rule (b) compares with the dense model with the cell's quantization; when no grid point is within
-/// the tolerance it takes the point of lowest loss and reports `converged = false`.
+/// Choose theta by `rule` on the calibration windows and leave `r` at it (the rule's own logic is
+/// `qtale_router::ThetaRule::apply`); rule (b)'s reference is the dense model with the cell's
+/// quantization, on the same windows.
 pub fn measure_theta(
-    r: &mut RoutedLlama<&Llama, DllmRouter>,
+    r: &mut RoutedLlama<&Llama, Box<dyn TrainableRouter>>,
     rule: &ThetaRule,
     cell: &CellConfig,
     env: &Env,
     windows: &[Vec<i64>],
     batches: &[CalibBatch],
 ) -> Result<ThetaOutcome> {
-    let mut reference_nll = None;
-    let report = match rule {
-        ThetaRule::Fixed { theta } => {
-            let (pt, _) = measure(r, batches, *theta)?;
-            ThetaReport {
-                chosen: Some(pt.clone()),
-                converged: true,
-                points: vec![pt],
-            }
+    let reference_nll = if rule.needs_reference() {
+        let base = Base::new(cell.model.as_deref())?;
+        let mut dense = base.load(env.device)?;
+        if let Some(q) = &cell.quant {
+            let p = serde_json::json!({"model": base.id(), "train": Value::Null});
+            stage_quant(&mut dense, &p, q, env)?;
         }
-        ThetaRule::Ratio { target, tol } => calibrate_ratio(
-            r,
-            batches,
-            *target,
-            BisectOptions {
-                tol: *tol,
-                ..Default::default()
-            },
-        )?,
-        ThetaRule::Tolerance { tolerance, grid } => {
-            let base = Base::new(cell.model.as_deref())?;
-            let mut dense = base.load(env.device)?;
-            if let Some(q) = &cell.quant {
-                let p = serde_json::json!({"model": base.id(), "train": Value::Null});
-                stage_quant(&mut dense, &p, q, env)?;
-            }
-            let reference = mean_nll(&dense.model, windows)?;
-            drop(dense);
-            reference_nll = Some(reference);
-            let mut rep = calibrate_grid(r, batches, grid, reference, *tolerance, false, |m| {
-                routed_nll(m, windows)
-            })?;
-            if !rep.converged {
-                let best = rep
-                    .points
-                    .iter()
-                    .min_by(|a, b| {
-                        a.score
-                            .unwrap_or(f64::INFINITY)
-                            .total_cmp(&b.score.unwrap_or(f64::INFINITY))
-                    })
-                    .cloned()
-                    .context("empty theta grid")?;
-                if !env.quiet {
-                    println!(
-                        "theta: no grid point within {tolerance} nats of the dense reference {reference:.4}; taking the lowest loss, theta {}",
-                        best.theta
-                    );
-                }
-                r.set_theta(best.theta)?;
-                rep.chosen = Some(best);
-            }
-            rep
-        }
+        Some(mean_nll(&dense.model, windows)?)
+    } else {
+        None
     };
+    let report = rule.apply(r, batches, windows, reference_nll)?;
     let calib_nll = routed_nll(r, windows)?;
     if !env.quiet {
         let c = report.chosen.as_ref();
         println!(
-            "theta: {:.3} -> calibration ratio {:.3}, FLOPs {:.3} of dense, NLL {:.4}{}",
-            r.config.theta,
+            "theta: {:.3} -> calibration ratio {:.3}, FLOPs {:.3} of dense, NLL {:.4}{}{}",
+            r.theta,
             c.map_or(f64::NAN, |p| p.ratio),
             c.map_or(f64::NAN, |p| p.flops_fraction),
             calib_nll,
-            reference_nll.map_or(String::new(), |x| format!(" (dense reference {x:.4})"))
+            reference_nll.map_or(String::new(), |x| format!(" (dense reference {x:.4})")),
+            if report.converged {
+                ""
+            } else {
+                " -- the rule's target was NOT met on the calibration data"
+            }
         );
     }
     Ok(ThetaOutcome {
@@ -977,26 +887,6 @@ pub fn measure_theta(
         calib_nll,
         reference_nll,
     })
-}
-
-/// Mean NLL of a routed model in inference mode (real skipping at its theta).
-pub fn routed_nll<M: std::borrow::Borrow<Llama>>(
-    r: &RoutedLlama<M, DllmRouter>,
-    windows: &[Vec<i64>],
-) -> qtale_router::Result<f64> {
-    let _g = tch::no_grad_guard();
-    let (mut sum, mut n) = (0.0, 0usize);
-    for w in windows {
-        let ids = Tensor::from_slice(w).unsqueeze(0);
-        let out = r.forward(&ids, None, Mode::Infer, &ForwardOptions::default())?;
-        let t = w.len() as i64;
-        let logp = out.logits.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
-        let tg = ids.narrow(1, 1, t - 1).to_device(logp.device());
-        let nll = -logp.gather(2, &tg.unsqueeze(2), false).mean(Kind::Double);
-        sum += nll.double_value(&[]);
-        n += 1;
-    }
-    Ok(sum / n.max(1) as f64)
 }
 
 fn csqa7_of(tasks: &[TaskRow]) -> (Option<f64>, Option<f64>) {

@@ -86,7 +86,7 @@ pub fn reject_cell_flags(a: &GridArgs, binary: &str) -> Result<()> {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sweep {
-    /// Dotted path, e.g. `train.config.lambda_entropy` or `theta.theta`.
+    /// Dotted path, e.g. `train.config.loss.entropy.weight` or `theta.theta`.
     pub field: String,
     pub values: Vec<Value>,
 }
@@ -520,8 +520,8 @@ pub fn write_csv(path: &Path, results: &[CellResult]) -> Result<()> {
             }),
             o(r.quant.as_ref().map(|q| q.bits_per_weight)),
             tc.map_or(String::new(), |c| c.preset.clone()),
-            o(tc.map(|c| c.lambda_entropy)),
-            o(tc.map(|c| c.ratio_target)),
+            o(tc.map(|c| c.loss_weight("entropy"))),
+            o(tc.and_then(|c| c.ratio_target())),
             tc.map_or(String::new(), |c| c.steps.to_string()),
             o(r.train.as_ref().map(|t| t.val_ce)),
             o(r.train.as_ref().map(|t| t.dense_val_ce)),

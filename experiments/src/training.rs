@@ -142,7 +142,13 @@ pub fn run_training(
         );
     }
     let steps = cfg.steps;
-    let mut trainer = Trainer::new(cfg.clone(), model, out_dir)?;
+    // Routers that rank layers on data (static layer removal) see the first training sequences.
+    let calib: Vec<Vec<i64>> = train.iter().take(8).map(|e| e.ids.clone()).collect();
+    let calib = calib
+        .chunks(4)
+        .map(qtale_router::CalibBatch::from_sequences)
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut trainer = Trainer::new(cfg.clone(), model, out_dir, &calib)?;
     if trainer.resume()? && !quiet {
         println!(
             "train: resumed {} at step {}",

@@ -97,7 +97,7 @@ fn overrides_reach_every_cell_and_change_the_key() {
         .iter()
         .take(7)
         .map(|c| match c.theta.as_ref().unwrap() {
-            experiments::cell::ThetaRule::Fixed { theta } => *theta,
+            qtale_router::ThetaRule::Fixed { theta } => *theta,
             other => panic!("{other:?}"),
         })
         .collect();

@@ -3,9 +3,8 @@
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use qtale_model::model::KvCache;
-
 use crate::error::{EvalError, Result};
+use qtale_model::decoder::{window_logits, window_nll};
 use qtale_model::Decoder;
 
 /// Windowing of a token stream.
@@ -28,28 +27,6 @@ pub fn windows<'a>(ids: &'a [i64], cfg: &WindowConfig) -> Vec<&'a [i64]> {
         .collect()
 }
 
-fn window_logits<D: Decoder + ?Sized>(model: &D, w: &[i64], bos: Option<i64>) -> Result<Tensor> {
-    let mut input = Vec::with_capacity(w.len() + 1);
-    input.extend(bos);
-    input.extend_from_slice(w);
-    let t = Tensor::from_slice(&input).view([1, -1]);
-    let mask = Tensor::ones([1, input.len() as i64], (Kind::Int64, tch::Device::Cpu));
-    let mut cache = KvCache::new(model.num_layers());
-    let h = model.forward_hidden(&t, &mask, &mut cache)?;
-    // Positions predicting the window's tokens: with BOS all of them, without it all but the first.
-    let n = input.len() as i64;
-    let h = h.squeeze_dim(0).narrow(0, 0, n - 1);
-    Ok(model.head(&h))
-}
-
-fn targets(w: &[i64], bos: Option<i64>) -> Vec<i64> {
-    if bos.is_some() {
-        w.to_vec()
-    } else {
-        w[1..].to_vec()
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct PplResult {
     pub ppl: f64,
@@ -62,11 +39,7 @@ pub struct PplResult {
 }
 
 /// `ppl = exp(mean over windows of the mean shifted next-token loss)`.
-pub fn perplexity<D: Decoder + ?Sized>(
-    model: &D,
-    ids: &[i64],
-    cfg: &WindowConfig,
-) -> Result<PplResult> {
+pub fn perplexity(model: &dyn Decoder, ids: &[i64], cfg: &WindowConfig) -> Result<PplResult> {
     let _g = tch::no_grad_guard();
     let ws = windows(ids, cfg);
     if ws.is_empty() || cfg.window < 2 {
@@ -79,15 +52,8 @@ pub fn perplexity<D: Decoder + ?Sized>(
     let mut losses = Vec::with_capacity(ws.len());
     let mut scored = 0;
     for w in &ws {
-        let logits = window_logits(model, w, cfg.bos)?;
-        let tg = targets(w, cfg.bos);
-        scored += tg.len();
-        let tg = Tensor::from_slice(&tg).to_device(logits.device());
-        let nll = -logits
-            .log_softmax(-1, Kind::Float)
-            .gather(1, &tg.unsqueeze(1), false)
-            .mean(Kind::Double);
-        losses.push(nll.double_value(&[]));
+        scored += w.len() - usize::from(cfg.bos.is_none());
+        losses.push(window_nll(model, w, cfg.bos)?);
     }
     let mean_nll = losses.iter().sum::<f64>() / losses.len() as f64;
     Ok(PplResult {
@@ -124,9 +90,9 @@ pub struct KlResult {
 }
 
 /// KL divergence of `candidate` against `reference` over the same windows of a token stream.
-pub fn kl_divergence<R: Decoder + ?Sized, C: Decoder + ?Sized>(
-    reference: &R,
-    candidate: &C,
+pub fn kl_divergence(
+    reference: &dyn Decoder,
+    candidate: &dyn Decoder,
     ids: &[i64],
     cfg: &WindowConfig,
 ) -> Result<KlResult> {
@@ -137,8 +103,10 @@ pub fn kl_divergence<R: Decoder + ?Sized, C: Decoder + ?Sized>(
     }
     let (mut sum, mut max, mut agree, mut n) = (0.0f64, 0.0f64, 0i64, 0usize);
     for w in &ws {
-        let a = window_logits(reference, w, cfg.bos)?;
-        let b = window_logits(candidate, w, cfg.bos)?.to_device(a.device());
+        let a = window_logits(reference, w, cfg.bos)?.0;
+        let b = window_logits(candidate, w, cfg.bos)?
+            .0
+            .to_device(a.device());
         let kl = kl_from_logits(&a, &b);
         sum += kl.sum(Kind::Double).double_value(&[]);
         max = max.max(kl.max().double_value(&[]));

@@ -5,10 +5,10 @@
 //! The harness (`qtale-eval`) depends on this interface only; the router crate implements it for its
 //! routed model, so scorers, perplexity and theta calibration treat every variant alike.
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::LlamaConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::model::{KvCache, Llama};
 
 /// The decoder interface the batched scorer needs. Dense, quantized and routed decoders implement it.
@@ -49,6 +49,53 @@ impl Decoder for Llama {
     fn weight_bytes(&self) -> usize {
         Llama::weight_bytes(self)
     }
+}
+
+/// Mean next-token negative log-likelihood (nats) of one window under any decoder: the window's
+/// tokens after the first are the targets, or all of them when `bos` is prepended (GPTQ-paper
+/// perplexity uses no BOS). The one home of next-token NLL: perplexity, theta calibration and the
+/// quantization reports all call it.
+pub fn window_nll(dec: &dyn Decoder, ids: &[i64], bos: Option<i64>) -> Result<f64> {
+    let (logits, targets) = window_logits(dec, ids, bos)?;
+    let nll = -logits
+        .log_softmax(-1, Kind::Float)
+        .gather(1, &targets.unsqueeze(1), false)
+        .mean(Kind::Double);
+    Ok(nll.double_value(&[]))
+}
+
+/// The logits `[n, vocab]` of the positions that predict a window's targets, and the targets `[n]`
+/// (see [`window_nll`]).
+pub fn window_logits(dec: &dyn Decoder, ids: &[i64], bos: Option<i64>) -> Result<(Tensor, Tensor)> {
+    let mut input = Vec::with_capacity(ids.len() + 1);
+    input.extend(bos);
+    input.extend_from_slice(ids);
+    if input.len() < 2 {
+        return Err(ModelError::Input(
+            "need at least two tokens to score".into(),
+        ));
+    }
+    let _g = tch::no_grad_guard();
+    let n = input.len() as i64;
+    let t = Tensor::from_slice(&input).view([1, n]);
+    let mask = Tensor::ones([1, n], (Kind::Int64, Device::Cpu));
+    let mut cache = KvCache::new(dec.num_layers());
+    let h = dec.forward_hidden(&t, &mask, &mut cache)?;
+    let logits = dec.head(&h.squeeze_dim(0).narrow(0, 0, n - 1));
+    let targets = Tensor::from_slice(&input[1..]).to_device(logits.device());
+    Ok((logits, targets))
+}
+
+/// Mean over `windows` of each window's mean next-token NLL (no BOS); `exp` of it is the perplexity.
+pub fn mean_nll(dec: &dyn Decoder, windows: &[Vec<i64>]) -> Result<f64> {
+    if windows.is_empty() {
+        return Err(ModelError::Input("no windows to score".into()));
+    }
+    let mut s = 0.0;
+    for w in windows {
+        s += window_nll(dec, w, None)?;
+    }
+    Ok(s / windows.len() as f64)
 }
 
 /// Per-token FLOPs of a LLaMA-family model. FLOPs count 2 per multiply-add of the matmuls (norms, RoPE,

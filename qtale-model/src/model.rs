@@ -502,21 +502,10 @@ impl Llama {
         })
     }
 
-    /// Mean next-token negative log-likelihood of one sequence (no padding), in nats.
+    /// Mean next-token negative log-likelihood of one sequence (no padding), in nats
+    /// ([`crate::decoder::window_nll`]).
     pub fn sequence_nll(&self, ids: &[i64]) -> Result<f64> {
-        if ids.len() < 2 {
-            return Err(ModelError::Input(
-                "need at least two tokens to score".into(),
-            ));
-        }
-        let _guard = tch::no_grad_guard();
-        let t = Tensor::from_slice(ids).view([1, -1]);
-        let out = self.forward(&t, None)?;
-        let n = ids.len() as i64;
-        let logp = out.logits.narrow(1, 0, n - 1).log_softmax(-1, Kind::Float);
-        let target = t.narrow(1, 1, n - 1).to_device(self.device).unsqueeze(-1);
-        let nll = -logp.gather(-1, &target, false).mean(Kind::Float);
-        Ok(nll.double_value(&[]))
+        crate::decoder::window_nll(self, ids, None)
     }
 
     /// Greedy decoding of one prompt with the KV cache; stops after `max_new` tokens or at `eos`.

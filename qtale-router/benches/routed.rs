@@ -86,8 +86,8 @@ fn decode(
                         &mut cache,
                         Mode::Infer,
                         &ForwardOptions {
-                            forced: None,
                             stats,
+                            ..Default::default()
                         },
                     )
                     .unwrap();
@@ -218,6 +218,7 @@ fn summary(model: &Llama, prompt: &Tensor, reps: usize) {
                 &ForwardOptions {
                     forced: None,
                     stats: true,
+                    ..Default::default()
                 },
             )
             .unwrap()

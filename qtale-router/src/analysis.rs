@@ -11,8 +11,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
+use crate::batch::CalibBatch;
 use crate::error::{Result, RouterError};
-use crate::routed::{CalibBatch, ForwardOptions, Mode, RoutedLlama};
+use crate::routed::{ForwardOptions, Mode, RoutedLlama};
 use crate::router::Router;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

@@ -6,8 +6,9 @@ use std::borrow::Borrow;
 use qtale_model::Llama;
 use serde::{Deserialize, Serialize};
 
+use crate::batch::CalibBatch;
 use crate::error::{Result, RouterError};
-use crate::routed::{CalibBatch, ForwardOptions, Mode, RoutedLlama};
+use crate::routed::{ForwardOptions, Mode, RoutedLlama};
 use crate::router::Router;
 use qtale_model::decoder::ExecSummary;
 
@@ -68,6 +69,7 @@ pub fn measure<M: Borrow<Llama>, R: Router>(
     let opts = ForwardOptions {
         forced: None,
         stats: true,
+        ..Default::default()
     };
     for b in batches {
         let out = routed.forward(&b.ids, b.mask.as_ref(), Mode::Infer, &opts)?;
@@ -162,7 +164,7 @@ where
     if grid.is_empty() {
         return Err(RouterError::Input("empty theta grid".into()));
     }
-    let original = routed.config.theta;
+    let original = routed.theta;
     let mut points = Vec::with_capacity(grid.len());
     for &theta in grid {
         let (mut pt, _) = measure(routed, batches, theta)?;
@@ -191,4 +193,153 @@ where
         chosen,
         points,
     })
+}
+
+/// How the inference threshold theta is chosen after training and quantization (QTALE's
+/// post-training execution-ratio adjustment, method.md section 2.2). The one home of the rules; the
+/// experiment cells and binaries name them in configs (`theta = { rule = "ratio", target = 0.6 }`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ThetaRule {
+    /// A fixed threshold (D-LLM's 0.5: execute when p_exec >= 0.5).
+    Fixed { theta: f64 },
+    /// Rule (a): bisection to an execution ratio on the calibration windows.
+    Ratio {
+        target: f64,
+        #[serde(default = "default_ratio_tol")]
+        tol: f64,
+    },
+    /// Rule (b): the smallest execution ratio on `grid` whose calibration loss (mean NLL, nats) is
+    /// within `tolerance` of the dense model with the same quantization. When no grid point qualifies
+    /// the rule does not converge: the routed model is left at the grid point of lowest loss and the
+    /// report says `converged = false` (tables mark such cells), never a silent choice.
+    Tolerance {
+        tolerance: f64,
+        #[serde(default = "default_grid")]
+        grid: Vec<f64>,
+    },
+}
+
+fn default_ratio_tol() -> f64 {
+    0.01
+}
+fn default_grid() -> Vec<f64> {
+    vec![0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+}
+
+impl Default for ThetaRule {
+    fn default() -> Self {
+        ThetaRule::Fixed {
+            theta: crate::routed::DEFAULT_THETA,
+        }
+    }
+}
+
+impl ThetaRule {
+    /// Check the rule's own values (errors name the field).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, m: String| Err(RouterError::config(f, m));
+        match self {
+            ThetaRule::Fixed { theta } if !(0.0..=1.0).contains(theta) => {
+                bad("theta.theta", format!("{theta} not in [0, 1]"))
+            }
+            ThetaRule::Ratio { target, tol } if !(0.0..=1.0).contains(target) || *tol <= 0.0 => {
+                bad(
+                    "theta.target",
+                    format!("{target} must be in [0, 1] and theta.tol {tol} > 0"),
+                )
+            }
+            ThetaRule::Tolerance { tolerance, grid }
+                if !(*tolerance >= 0.0)
+                    || grid.is_empty()
+                    || grid.iter().any(|t| !(0.0..=1.0).contains(t)) =>
+            {
+                bad(
+                    "theta.tolerance",
+                    "tolerance must be >= 0 and theta.grid a non-empty list of values in [0, 1]"
+                        .into(),
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the rule compares with a reference loss (rule (b)).
+    pub fn needs_reference(&self) -> bool {
+        matches!(self, ThetaRule::Tolerance { .. })
+    }
+
+    /// Choose theta on `batches` (execution ratio) and `windows` (the loss of rule (b)), leaving
+    /// `routed` at it. `reference_nll` is the dense (same quantization) model's mean NLL on `windows`,
+    /// required by rule (b).
+    pub fn apply<M: Borrow<Llama>, R: Router>(
+        &self,
+        routed: &mut RoutedLlama<M, R>,
+        batches: &[CalibBatch],
+        windows: &[Vec<i64>],
+        reference_nll: Option<f64>,
+    ) -> Result<ThetaReport> {
+        self.validate()?;
+        match self {
+            ThetaRule::Fixed { theta } => {
+                let (pt, _) = measure(routed, batches, *theta)?;
+                Ok(ThetaReport {
+                    chosen: Some(pt.clone()),
+                    converged: true,
+                    points: vec![pt],
+                })
+            }
+            ThetaRule::Ratio { target, tol } => calibrate_ratio(
+                routed,
+                batches,
+                *target,
+                BisectOptions {
+                    tol: *tol,
+                    ..Default::default()
+                },
+            ),
+            ThetaRule::Tolerance { tolerance, grid } => {
+                let reference = reference_nll.ok_or_else(|| {
+                    RouterError::Input("theta rule (b) needs the dense reference loss".into())
+                })?;
+                let mut rep =
+                    calibrate_grid(routed, batches, grid, reference, *tolerance, false, |m| {
+                        routed_nll(m, windows)
+                    })?;
+                if !rep.converged {
+                    let best = rep
+                        .points
+                        .iter()
+                        .min_by(|a, b| {
+                            a.score
+                                .unwrap_or(f64::INFINITY)
+                                .total_cmp(&b.score.unwrap_or(f64::INFINITY))
+                        })
+                        .cloned()
+                        .ok_or_else(|| RouterError::Input("empty theta grid".into()))?;
+                    routed.set_theta(best.theta)?;
+                    rep.chosen = Some(best);
+                }
+                Ok(rep)
+            }
+        }
+    }
+}
+
+/// Mean next-token NLL of a routed model in inference mode (real skipping at its theta) over
+/// equal-length windows: the model crate's [`qtale_model::decoder::mean_nll`] through the
+/// [`crate::RoutedDecoder`] view.
+pub fn routed_nll<M: Borrow<Llama>, R: Router>(
+    r: &RoutedLlama<M, R>,
+    windows: &[Vec<i64>],
+) -> Result<f64> {
+    let view = RoutedLlama {
+        model: r.llama(),
+        router: &r.router,
+        config: r.config.clone(),
+        theta: r.theta,
+    };
+    let mut dec = crate::RoutedDecoder::new(view);
+    dec.collect_stats = false;
+    Ok(qtale_model::decoder::mean_nll(&dec, windows)?)
 }

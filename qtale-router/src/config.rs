@@ -1,5 +1,7 @@
-//! [`RoutingConfig`]: where routers sit, which tokens always run, what skipped tokens leave in the KV
-//! cache, and the inference threshold.
+//! [`RoutingConfig`]: where routers sit, how big they are, which tokens always run, and what skipped
+//! tokens leave in the KV cache: what routers are trained with. The inference threshold theta is chosen
+//! after training and lives on the routed model (`RoutedLlama::theta`); the Gumbel temperature is a
+//! training-forward option.
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RouterError};
@@ -27,12 +29,8 @@ pub struct RoutingConfig {
     pub reserved_tokens: usize,
     /// K/V of skipped tokens. Default `evict`.
     pub kv_policy: KvPolicy,
-    /// Inference decision: execute iff `p_exec >= theta`. Default 0.5 (D-LLM); 0 executes everything.
-    pub theta: f64,
     /// Hidden size of the D-LLM router MLP. Default 512 (scale it down for small models).
     pub hidden: usize,
-    /// Gumbel-softmax temperature in training mode. Default 1.
-    pub temperature: f64,
     /// Epsilon of the router's RMSNorm. Not given by D-LLM; our default 1e-6.
     pub router_norm_eps: f64,
 }
@@ -43,9 +41,7 @@ impl Default for RoutingConfig {
             start_layer: 2,
             reserved_tokens: 2,
             kv_policy: KvPolicy::Evict,
-            theta: 0.5,
             hidden: 512,
-            temperature: 1.0,
             router_norm_eps: 1e-6,
         }
     }
@@ -54,20 +50,8 @@ impl Default for RoutingConfig {
 impl RoutingConfig {
     /// Check every field on its own (use [`RoutingConfig::validate_for`] once the model is known).
     pub fn validate(&self) -> Result<()> {
-        if !(0.0..=1.0).contains(&self.theta) {
-            return Err(RouterError::config(
-                "theta",
-                format!("must be in [0, 1], got {}", self.theta),
-            ));
-        }
         if self.hidden == 0 {
             return Err(RouterError::config("hidden", "must be > 0"));
-        }
-        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(RouterError::config(
-                "temperature",
-                format!("must be finite and > 0, got {}", self.temperature),
-            ));
         }
         if !(self.router_norm_eps > 0.0 && self.router_norm_eps.is_finite()) {
             return Err(RouterError::config(

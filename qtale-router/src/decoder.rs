@@ -51,6 +51,7 @@ impl<M: Borrow<Llama>, R: Router> Decoder for RoutedDecoder<M, R> {
         let opts = ForwardOptions {
             forced: None,
             stats: self.collect_stats,
+            ..Default::default()
         };
         // The scorer applies the head to the continuation positions only.
         let out = self

@@ -50,7 +50,7 @@ pub enum RouterError {
 }
 
 impl RouterError {
-    pub(crate) fn config(field: &str, msg: impl Into<String>) -> Self {
+    pub fn config(field: &str, msg: impl Into<String>) -> Self {
         RouterError::Config {
             field: field.to_string(),
             msg: msg.into(),

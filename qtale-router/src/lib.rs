@@ -12,26 +12,32 @@
 //!   model crate's mergeable `ExecSummary`.
 //! * [`decoder`]: [`RoutedDecoder`], the routed model behind the model crate's `Decoder` interface (what
 //!   scorers and perplexity use).
+//! * [`kinds`]: router kinds by name (`dllm`, `static`, `random`, `dense`) behind the small
+//!   [`TrainableRouter`] trait the trainer and the experiment cells use; add a kind = one file + one
+//!   registry line.
 //! * [`calibrate`]: theta by bisection to a target ratio, or by a grid search on a caller's score.
 //! * [`analysis`]: router logit-gap histograms and Gumbel flip rates per layer.
 pub mod analysis;
+pub mod batch;
 pub mod calibrate;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod kinds;
 pub mod routed;
 pub mod router;
 pub mod stats;
 
 pub use analysis::{analyze, AnalysisOptions, LayerAnalysis, RouterAnalysis};
+pub use batch::CalibBatch;
 pub use calibrate::{
-    calibrate_grid, calibrate_ratio, measure, BisectOptions, ThetaPoint, ThetaReport,
+    calibrate_grid, calibrate_ratio, measure, routed_nll, BisectOptions, ThetaPoint, ThetaReport,
+    ThetaRule,
 };
 pub use config::{KvPolicy, RoutingConfig};
 pub use decoder::RoutedDecoder;
 pub use error::{Result, RouterError};
-pub use routed::{
-    hard_gumbel, CalibBatch, ForwardOptions, Mode, RoutedHidden, RoutedLlama, RoutedOutput,
-};
+pub use kinds::{RouterBuild, RouterSpec, TrainableRouter};
+pub use routed::{hard_gumbel, ForwardOptions, Mode, RoutedHidden, RoutedLlama, RoutedOutput};
 pub use router::{logits_from_mask, DenseRouter, DllmRouter, RandomRouter, Router, StaticRouter};
 pub use stats::ExecStats;

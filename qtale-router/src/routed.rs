@@ -12,7 +12,7 @@
 //!   [`LayerCache`] holds its own number of keys, with validity flags for the padding that batching adds.
 use std::borrow::Borrow;
 
-use qtale_model::model::LayerCache;
+use qtale_model::model::{LayerCache, Step};
 use qtale_model::{KvCache, Llama};
 use tch::{Kind, Tensor};
 
@@ -32,7 +32,7 @@ pub enum Mode {
 }
 
 /// Options of one forward.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ForwardOptions<'a> {
     /// Decisions to use instead of the router's: `[B, T, L]` bool (entries of always-run layers are
     /// ignored; reserved tokens and padding follow the usual rules). The router still runs (its logits
@@ -40,50 +40,19 @@ pub struct ForwardOptions<'a> {
     pub forced: Option<&'a Tensor>,
     /// Compute [`ExecStats`] (visible-key counts, FLOPs, KV bytes; a few extra small ops per layer).
     pub stats: bool,
+    /// Gumbel-softmax temperature of a training-mode forward (the trainer's schedule; default 1). The
+    /// hard sample does not depend on it, only the straight-through gradient does.
+    pub temperature: f64,
 }
 
-/// A batch of token ids with an optional attention mask (1 = token, 0 = padding), for calibration.
-#[derive(Debug)]
-pub struct CalibBatch {
-    pub ids: Tensor,
-    pub mask: Option<Tensor>,
-}
-
-impl CalibBatch {
-    /// One unpadded row per sequence of equal length, or right-padded rows when lengths differ.
-    pub fn from_sequences(seqs: &[Vec<i64>]) -> Result<Self> {
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        if seqs.is_empty() || t == 0 {
-            return Err(RouterError::Input("empty calibration batch".into()));
+impl Default for ForwardOptions<'_> {
+    fn default() -> Self {
+        ForwardOptions {
+            forced: None,
+            stats: false,
+            temperature: 1.0,
         }
-        let mut ids = Vec::with_capacity(seqs.len() * t);
-        let mut mask = Vec::with_capacity(seqs.len() * t);
-        for s in seqs {
-            for i in 0..t {
-                ids.push(s.get(i).copied().unwrap_or(0));
-                mask.push(i64::from(i < s.len()));
-            }
-        }
-        let b = seqs.len() as i64;
-        let padded = seqs.iter().any(|s| s.len() != t);
-        Ok(CalibBatch {
-            ids: Tensor::from_slice(&ids).view([b, t as i64]),
-            mask: padded.then(|| Tensor::from_slice(&mask).view([b, t as i64])),
-        })
     }
-}
-
-/// Inputs resolved for one forward (ids on the device, validity, true positions, RoPE tables): the
-/// decoder's own rule, [`Llama::prepare_step`], so routed and dense forwards cannot drift apart.
-pub(crate) type Prepared = qtale_model::model::Step;
-
-pub(crate) fn prepare(
-    model: &Llama,
-    ids: &Tensor,
-    attention_mask: Option<&Tensor>,
-    cache: &mut KvCache,
-) -> Result<Prepared> {
-    Ok(model.prepare_step(ids, attention_mask, cache)?)
 }
 
 /// Output of a routed forward.
@@ -217,33 +186,52 @@ pub(crate) fn visible_keys(cache: &LayerCache, q_pos: &Tensor) -> Tensor {
 }
 
 /// The decoder with routers. Owns or borrows the model (`M` is `Llama` or `&Llama`) and the router.
+/// `config` is what the routers were trained with; `theta` is the inference-time threshold, chosen
+/// after training (QTALE's execution-ratio adjustment), so it is not part of the training config.
 pub struct RoutedLlama<M, R> {
     pub model: M,
     pub router: R,
     pub config: RoutingConfig,
+    /// Inference decision: execute iff `p_exec >= theta`. D-LLM's 0.5 by default; 0 executes
+    /// everything. Set with [`RoutedLlama::set_theta`].
+    pub theta: f64,
 }
 
+/// D-LLM's inference threshold.
+pub const DEFAULT_THETA: f64 = 0.5;
+
 impl<M: Borrow<Llama>, R: Router> RoutedLlama<M, R> {
-    /// Check the config against the model.
+    /// Check the config against the model; theta starts at D-LLM's 0.5.
     pub fn new(model: M, router: R, config: RoutingConfig) -> Result<Self> {
         config.validate_for(model.borrow().layers.len())?;
         Ok(RoutedLlama {
             model,
             router,
             config,
+            theta: DEFAULT_THETA,
         })
+    }
+
+    /// [`RoutedLlama::new`] at threshold `theta`.
+    pub fn with_theta(model: M, router: R, config: RoutingConfig, theta: f64) -> Result<Self> {
+        let mut r = Self::new(model, router, config)?;
+        r.set_theta(theta)?;
+        Ok(r)
     }
 
     pub fn llama(&self) -> &Llama {
         self.model.borrow()
     }
 
-    /// Set the inference threshold.
+    /// Set the inference threshold (in [0, 1]).
     pub fn set_theta(&mut self, theta: f64) -> Result<()> {
-        let mut c = self.config.clone();
-        c.theta = theta;
-        c.validate()?;
-        self.config = c;
+        if !(0.0..=1.0).contains(&theta) {
+            return Err(RouterError::config(
+                "theta",
+                format!("must be in [0, 1], got {theta}"),
+            ));
+        }
+        self.theta = theta;
         Ok(())
     }
 
@@ -303,7 +291,7 @@ impl<M: Borrow<Llama>, R: Router> RoutedLlama<M, R> {
     ) -> Result<RoutedHidden> {
         let model = self.llama();
         let n_layers = model.layers.len();
-        let p = prepare(model, ids, attention_mask, cache)?;
+        let p = model.prepare_step(ids, attention_mask, cache)?;
         let (b, t) = (p.ids.size()[0], p.ids.size()[1]);
         if let Some(f) = opts.forced {
             if f.size() != [b, t, n_layers as i64] || f.kind() != Kind::Bool {
@@ -339,10 +327,10 @@ impl<M: Borrow<Llama>, R: Router> RoutedLlama<M, R> {
                 (Some(f), _) => (f.select(2, l as i64), None),
                 (None, Mode::Infer) => {
                     let pe = logits.softmax(-1, Kind::Float).select(-1, 1);
-                    (pe.ge(self.config.theta), None)
+                    (pe.ge(self.theta), None)
                 }
                 (None, Mode::Train) => {
-                    let (hard, st) = hard_gumbel(&logits, self.config.temperature);
+                    let (hard, st) = hard_gumbel(&logits, opts.temperature);
                     (hard, Some(st))
                 }
             };
@@ -411,7 +399,7 @@ impl<M: Borrow<Llama>, R: Router> RoutedLlama<M, R> {
         &self,
         l: usize,
         x: &Tensor,
-        p: &Prepared,
+        p: &Step,
         exec: &Tensor,
         lc: &mut LayerCache,
     ) -> Tensor {

@@ -13,9 +13,9 @@ use qtale_model::Llama;
 use rand::{Rng, SeedableRng};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::batch::CalibBatch;
 use crate::config::RoutingConfig;
 use crate::error::{Result, RouterError};
-use crate::routed::{prepare, CalibBatch};
 
 /// Logit gap used by the rule-based routers: `softmax([0, SURE])[1]` is exactly 1.0 in f32, and
 /// `softmax([0, -SURE])[1]` is about 1e-13, so `theta = 0` still executes everything.
@@ -126,7 +126,7 @@ impl StaticRouter {
         let mut count = 0f64;
         for b in calib {
             let mut cache = qtale_model::KvCache::new(n);
-            let p = prepare(model, &b.ids, b.mask.as_ref(), &mut cache)?;
+            let p = model.prepare_step(&b.ids, b.mask.as_ref(), &mut cache)?;
             let w = p.valid.to_kind(Kind::Float);
             count += w.sum(Kind::Float).double_value(&[]);
             let mut x = model.embed(&p.ids);

@@ -50,12 +50,9 @@ fn smollm2_theta_zero_equals_dense_prefill_and_decode() {
     let Some(lm) = smollm2() else { return };
     let lm = &lm;
     let _g = tch::no_grad_guard();
-    let c = RoutingConfig {
-        theta: 0.0,
-        ..RoutingConfig::default()
-    };
+    let c = RoutingConfig::default();
     let r = router(lm, &c);
-    let routed = RoutedLlama::new(&lm.model, &r, c).unwrap();
+    let routed = RoutedLlama::with_theta(&lm.model, &r, c, 0.0).unwrap();
     let ids = text_ids(lm);
     let t = Tensor::from_slice(&ids[..40]).view([1, -1]);
     let dense = lm.model.forward(&t, None).unwrap();
@@ -98,11 +95,10 @@ fn infer_vs_train(lm: &LoadedModel) -> Vec<f64> {
     for policy in [KvPolicy::Evict, KvPolicy::ComputeKv] {
         let c = RoutingConfig {
             kv_policy: policy,
-            theta: 0.87,
             ..RoutingConfig::default()
         };
         let r = router(lm, &c);
-        let routed = RoutedLlama::new(&lm.model, &r, c).unwrap();
+        let routed = RoutedLlama::with_theta(&lm.model, &r, c, 0.87).unwrap();
         let inf = routed
             .forward(
                 &t,
@@ -111,6 +107,7 @@ fn infer_vs_train(lm: &LoadedModel) -> Vec<f64> {
                 &ForwardOptions {
                     forced: None,
                     stats: true,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -127,6 +124,7 @@ fn infer_vs_train(lm: &LoadedModel) -> Vec<f64> {
                 &ForwardOptions {
                     forced: Some(&inf.exec),
                     stats: false,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -210,7 +208,7 @@ fn smollm2_theta_bisection_reaches_target_ratio() {
         );
         assert!((ch.ratio - target).abs() <= 0.01, "{rep:?}");
         assert!(rep.converged);
-        assert_eq!(routed.config.theta, ch.theta);
+        assert_eq!(routed.theta, ch.theta);
         assert!(ch.flops_fraction < 1.0 && ch.flops_fraction > 0.0);
     }
 }

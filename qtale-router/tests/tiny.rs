@@ -13,12 +13,11 @@ use tch::{Device, Kind, Tensor};
 const EQ_TOL: f64 = 1e-4;
 const DENSE_TOL: f64 = 1e-5;
 
-fn cfg(start: usize, reserved: usize, policy: KvPolicy, theta: f64) -> RoutingConfig {
+fn cfg(start: usize, reserved: usize, policy: KvPolicy) -> RoutingConfig {
     RoutingConfig {
         start_layer: start,
         reserved_tokens: reserved,
         kv_policy: policy,
-        theta,
         hidden: 16,
         ..RoutingConfig::default()
     }
@@ -39,6 +38,7 @@ fn stats_opts() -> ForwardOptions<'static> {
     ForwardOptions {
         forced: None,
         stats: true,
+        ..Default::default()
     }
 }
 
@@ -50,24 +50,20 @@ fn config_defaults_serde_and_validation() {
             c.start_layer,
             c.reserved_tokens,
             c.kv_policy,
-            c.theta,
             c.hidden,
-            c.temperature
+            ForwardOptions::default().temperature
         ),
-        (2, 2, KvPolicy::Evict, 0.5, 512, 1.0)
+        (2, 2, KvPolicy::Evict, 512, 1.0)
     );
     let json = serde_json::to_string(&c).unwrap();
     assert!(json.contains("\"kv_policy\":\"evict\""), "{json}");
     assert_eq!(RoutingConfig::from_json(&json).unwrap(), c);
-    let c2 = RoutingConfig::from_json(r#"{"kv_policy": "compute_kv", "theta": 0.3}"#).unwrap();
-    assert_eq!(
-        (c2.kv_policy, c2.theta, c2.start_layer),
-        (KvPolicy::ComputeKv, 0.3, 2)
-    );
+    let c2 = RoutingConfig::from_json(r#"{"kv_policy": "compute_kv", "start_layer": 3}"#).unwrap();
+    assert_eq!((c2.kv_policy, c2.start_layer), (KvPolicy::ComputeKv, 3));
     for (json, field) in [
-        (r#"{"theta": 1.5}"#, "theta"),
+        // Inference settings are not part of the (training-time) routing config.
+        (r#"{"theta": 0.5}"#, "theta"),
         (r#"{"hidden": 0}"#, "hidden"),
-        (r#"{"temperature": 0}"#, "temperature"),
         (r#"{"router_norm_eps": -1}"#, "router_norm_eps"),
         (r#"{"thetaa": 0.5}"#, "thetaa"),
         (r#"{"kv_policy": "drop"}"#, "drop"),
@@ -95,7 +91,7 @@ fn check_theta_zero_dense(model: &Llama, c: RoutingConfig) {
         3,
     )
     .unwrap();
-    let routed = RoutedLlama::new(model, &router, c).unwrap();
+    let routed = RoutedLlama::with_theta(model, &router, c, 0.0).unwrap();
     let (ids, mask) = padded_batch(10, 11);
     let dense = model.forward(&ids, Some(&mask)).unwrap();
     let out = routed
@@ -147,20 +143,20 @@ fn check_theta_zero_dense(model: &Llama, c: RoutingConfig) {
 fn theta_zero_equals_dense_prefill_and_decode() {
     tch::set_num_threads(1);
     let model = tiny_model(6, 1);
-    check_theta_zero_dense(&model, cfg(2, 2, KvPolicy::Evict, 0.0));
-    check_theta_zero_dense(&model, cfg(1, 0, KvPolicy::ComputeKv, 0.0));
+    check_theta_zero_dense(&model, cfg(2, 2, KvPolicy::Evict));
+    check_theta_zero_dense(&model, cfg(1, 0, KvPolicy::ComputeKv));
     // An HF fixture (2 layers, GQA, tied head): route both layers.
     let fx = fixture_model("gqa_tied");
-    check_theta_zero_dense(&fx, cfg(0, 0, KvPolicy::Evict, 0.0));
+    check_theta_zero_dense(&fx, cfg(0, 0, KvPolicy::Evict));
     let fx = fixture_model("mha_untied");
-    check_theta_zero_dense(&fx, cfg(0, 1, KvPolicy::Evict, 0.0));
+    check_theta_zero_dense(&fx, cfg(0, 1, KvPolicy::Evict));
 }
 
 fn check_infer_equals_train(policy: KvPolicy) {
     tch::set_num_threads(1);
     let _g = tch::no_grad_guard();
     let model = tiny_model(6, 2);
-    let c = cfg(1, 2, policy, 0.5);
+    let c = cfg(1, 2, policy);
     let router = mixed_router(&c, &model, 5);
     let routed = RoutedLlama::new(&model, &router, c).unwrap();
     let (ids, mask) = padded_batch(12, 7);
@@ -182,6 +178,7 @@ fn check_infer_equals_train(policy: KvPolicy) {
             &ForwardOptions {
                 forced: Some(&inf.exec),
                 stats: true,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -218,7 +215,7 @@ fn check_decode_equals_recompute(policy: KvPolicy) {
     tch::set_num_threads(1);
     let _g = tch::no_grad_guard();
     let model = tiny_model(6, 3);
-    let c = cfg(1, 2, policy, 0.5);
+    let c = cfg(1, 2, policy);
     let router = mixed_router(&c, &model, 9);
     let routed = RoutedLlama::new(&model, &router, c).unwrap();
     let (p, steps) = (8i64, 6i64);
@@ -306,7 +303,7 @@ fn decode_with_cache_equals_recompute_compute_kv() {
 fn hand_case(policy: KvPolicy, router: &dyn Router) -> ExecStats {
     let _g = tch::no_grad_guard();
     let model = tiny_model(3, 4);
-    let c = cfg(1, 1, policy, 0.5);
+    let c = cfg(1, 1, policy);
     let routed = RoutedLlama::new(&model, router, c).unwrap();
     let ids = random_ids(1, 4, 96, 1);
     #[rustfmt::skip]
@@ -324,6 +321,7 @@ fn hand_case(policy: KvPolicy, router: &dyn Router) -> ExecStats {
             &ForwardOptions {
                 forced: Some(&forced),
                 stats: true,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -392,7 +390,7 @@ fn ratio_flops_and_kv_bytes_hand_computed() {
     assert_eq!(st.kv_bytes, 12.0 * 128.0);
 
     // The D-LLM router costs 2*d*h + 2*h*2 = 2*32*16 + 64 = 1088 per token per routed layer.
-    let c = cfg(1, 1, KvPolicy::Evict, 0.5);
+    let c = cfg(1, 1, KvPolicy::Evict);
     let r = DllmRouter::new(&c, 32, 3, Device::Cpu, 0).unwrap();
     assert_eq!(r.flops_per_token(1), 1088.0);
     let st2 = hand_case(KvPolicy::Evict, &r);
@@ -411,7 +409,7 @@ fn ratio_flops_and_kv_bytes_hand_computed() {
 fn train_mode_gradients_reach_router_and_ratio_is_differentiable() {
     tch::set_num_threads(1);
     let model = tiny_model(4, 5);
-    let c = cfg(1, 2, KvPolicy::Evict, 0.5);
+    let c = cfg(1, 2, KvPolicy::Evict);
     let router = mixed_router(&c, &model, 3);
     let routed = RoutedLlama::new(&model, &router, c).unwrap();
     let (ids, mask) = padded_batch(10, 3);
@@ -446,7 +444,7 @@ fn router_save_load_roundtrip_and_errors() {
     tch::set_num_threads(1);
     let _g = tch::no_grad_guard();
     let model = tiny_model(4, 6);
-    let c = cfg(1, 2, KvPolicy::Evict, 0.5);
+    let c = cfg(1, 2, KvPolicy::Evict);
     let router = mixed_router(&c, &model, 8);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("router.safetensors");
@@ -541,7 +539,7 @@ fn baselines_random_and_static() {
     tch::set_num_threads(1);
     let _g = tch::no_grad_guard();
     let model = tiny_model(6, 7);
-    let c = cfg(2, 2, KvPolicy::Evict, 0.5);
+    let c = cfg(2, 2, KvPolicy::Evict);
     // Random at p = 0.3: the routed-layer ratio over 3 x 40 tokens is near 0.3.
     let r = RandomRouter::new(0.3, 42);
     let routed = RoutedLlama::new(&model, r, c.clone()).unwrap();
@@ -583,7 +581,7 @@ fn baselines_random_and_static() {
 fn theta_grid_rule_with_synthetic_score() {
     tch::set_num_threads(1);
     let model = tiny_model(6, 8);
-    let c = cfg(1, 2, KvPolicy::Evict, 0.5);
+    let c = cfg(1, 2, KvPolicy::Evict);
     let router = mixed_router(&c, &model, 10);
     let mut routed = RoutedLlama::new(&model, &router, c).unwrap();
     let calib = [CalibBatch::from_sequences(&[(3..35).collect(), (20..60).collect()]).unwrap()];
@@ -613,12 +611,12 @@ fn theta_grid_rule_with_synthetic_score() {
     let chosen = rep.chosen.clone().unwrap();
     assert_eq!(chosen.theta, best.theta);
     assert!(rep.converged && chosen.ratio < 1.0, "{rep:?}");
-    assert_eq!(routed.config.theta, chosen.theta);
+    assert_eq!(routed.theta, chosen.theta);
     // Nothing qualifies: no choice, theta unchanged.
-    let before = routed.config.theta;
+    let before = routed.theta;
     let rep = calibrate_grid(&mut routed, &calib, &grid, 2.0, 0.01, true, |_| Ok(0.0)).unwrap();
     assert!(rep.chosen.is_none() && !rep.converged);
-    assert_eq!(routed.config.theta, before);
+    assert_eq!(routed.theta, before);
     // Bisection on the tiny model too (coarse: few tokens).
     let rep = calibrate_ratio(
         &mut routed,
@@ -660,7 +658,7 @@ fn hard_gumbel_samples_at_softmax_rate() {
 fn bad_inputs_give_errors() {
     let _g = tch::no_grad_guard();
     let model = tiny_model(3, 9);
-    let c = cfg(1, 1, KvPolicy::Evict, 0.5);
+    let c = cfg(1, 1, KvPolicy::Evict);
     let routed = RoutedLlama::new(&model, DenseRouter, c.clone()).unwrap();
     let ids = random_ids(2, 5, 96, 0);
     let bad = Tensor::ones([2, 5, 2], (Kind::Bool, Device::Cpu));
@@ -672,6 +670,7 @@ fn bad_inputs_give_errors() {
             &ForwardOptions {
                 forced: Some(&bad),
                 stats: false,
+                ..Default::default()
             },
         )
         .unwrap_err()
@@ -737,7 +736,7 @@ fn hidden_only_forward_equals_full_forward() {
     tch::set_num_threads(1);
     let _g = tch::no_grad_guard();
     let model = tiny_model(6, 3);
-    let c = cfg(1, 2, KvPolicy::Evict, 0.5);
+    let c = cfg(1, 2, KvPolicy::Evict);
     let router = mixed_router(&c, &model, 9);
     let routed = RoutedLlama::new(&model, &router, c).unwrap();
     let (ids, mask) = padded_batch(10, 21);

@@ -1,8 +1,11 @@
-//! Fine-tuning for token-adaptive execution: LoRA adapters on the frozen base ([`lora`]), a
-//! checkpointable AdamW with warmup + cosine schedules ([`optim`]), and atomic checkpoints ([`checkpoint`]).
+//! Fine-tuning for token-adaptive execution: LoRA adapters on the frozen base ([`lora`]), the objective
+//! as a list of loss terms ([`loss`]: CE, ratio, entropy, KD; add a term = one file + one registry line
+//! + its config key), the loop over any router kind ([`trainer`]), a checkpointable AdamW with warmup +
+//! cosine schedules ([`optim`]), and atomic checkpoints ([`checkpoint`]).
 pub mod checkpoint;
 pub mod data;
 pub mod lora;
+pub mod loss;
 pub mod optim;
 pub mod trainer;
 
@@ -32,7 +35,7 @@ pub enum TrainError {
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 
-pub(crate) fn config_err(field: &str, msg: impl Into<String>) -> TrainError {
+pub fn config_err(field: &str, msg: impl Into<String>) -> TrainError {
     TrainError::Config {
         field: field.into(),
         msg: msg.into(),

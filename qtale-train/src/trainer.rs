@@ -1,25 +1,28 @@
-//! The fine-tuning loop of D-LLM and QTALE (method.md sections 1-2):
-//!
-//! `L = CE + lambda_1(t) * L_ratio + lambda_2 * L_entropy`, with
-//! `L_ratio = mean_t |r_t - target|` over real, non-reserved tokens (`r_t` the token's execution ratio
-//! over all layers), `L_entropy = -mean_{t, routed l} H(softmax(router logits))` (QTALE; lambda_2 = 0 is
-//! D-LLM), `lambda_1` ramped from 0 by a sine schedule. Trainable: LoRA + routers, in two AdamW groups
-//! with their own learning rates (weight decay on matrices only), linear warmup then cosine decay,
-//! gradient accumulation and clipping. Non-finite losses skip the step; too many in a row stop the run
-//! with the last good checkpoint kept.
+//! The fine-tuning loop of D-LLM and QTALE (method.md sections 1-2): the objective is the config's list
+//! of loss terms ([`crate::loss`]: `CE + lambda_1(t) L_ratio + lambda_2 L_entropy` for the presets),
+//! the router any registered kind ([`qtale_router::kinds`]; D-LLM's by default). Trainable: LoRA +
+//! the router's parameters (if it has any), in two AdamW groups with their own learning rates (weight
+//! decay on matrices only), linear warmup then cosine decay, gradient accumulation and clipping.
+//! Non-finite losses skip the step; too many in a row stop the run with the last good checkpoint kept.
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use qtale_model::Llama;
-use qtale_router::{DllmRouter, ForwardOptions, Mode, RoutedLlama, RoutedOutput, RoutingConfig};
+use qtale_router::kinds::{self, RouterBuild, RouterSpec, TrainableRouter};
+use qtale_router::routed::DEFAULT_THETA;
+use qtale_router::{CalibBatch, ForwardOptions, Mode, RoutedLlama, RoutedOutput, RoutingConfig};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use crate::checkpoint;
-use crate::data::{collate, masked_ce, Batch, Example};
+use crate::data::{collate, masked_ce, Example};
 use crate::lora::{Lora, LoraConfig};
-use crate::optim::{sine_ramp, split_decay, AdamW, ParamGroup, WarmupCosine};
+use crate::loss::entropy::router_entropies;
+use crate::loss::{LossInput, Objective};
+use crate::optim::{split_decay, AdamW, ParamGroup, WarmupCosine};
 use crate::{config_err, Result, TrainError};
 
 /// Everything that defines a run; written into every checkpoint and log.
@@ -38,22 +41,14 @@ pub struct TrainConfig {
     /// Cosine decays to `min_lr_factor` x the base learning rate.
     pub min_lr_factor: f64,
     pub grad_clip: f64,
-    /// Target execution ratio of the ratio loss (D-LLM: 0.5).
-    pub ratio_target: f64,
-    /// Final lambda_1 (D-LLM: 5).
-    pub lambda_ratio: f64,
-    /// Steps over which lambda_1 ramps from 0 (sine); default: `lambda_ratio_ramp_fraction` of the run.
-    pub lambda_ratio_ramp_steps: Option<usize>,
-    /// Fraction of `steps` over which lambda_1 ramps when `lambda_ratio_ramp_steps` is not set (1 = the
-    /// whole run; short CPU runs use a faster ramp so the ratio reaches its target).
-    pub lambda_ratio_ramp_fraction: f64,
-    /// lambda_2 of the entropy term (0 = D-LLM).
-    pub lambda_entropy: f64,
+    /// The objective: loss terms by name with their options (`crate::loss`), e.g.
+    /// `{ce: {}, ratio: {weight: 5, target: 0.5}, entropy: {weight: 0.25}}`.
+    pub loss: BTreeMap<String, Value>,
+    /// The router kind and its options (`qtale_router::kinds`; default D-LLM's).
+    pub router: RouterSpec,
     /// Gumbel temperature at the start and end of training (linear in between).
     pub temperature_start: f64,
     pub temperature_end: f64,
-    /// Optional KL(dense || routed) distillation weight (0 = off).
-    pub kd_weight: f64,
     pub seed: u64,
     pub log_every: usize,
     pub eval_every: usize,
@@ -71,12 +66,19 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// `dllm`: D-LLM's recipe (no entropy term). `qtale`: the same plus the entropy regularizer. The paper
-    /// does not publish lambda_2; 0.25 is the largest value of our sweep (`lambda2_sweep` below: 0, 0.05,
-    /// 0.1, 0.25, 0.5, 1) that kept the validation CE within 5% of lambda_2 = 0 and the ratio within 0.05
-    /// of its target, while raising the Gumbel flip rate from 0.076 to 0.128 and cutting the logit gap
-    /// from 4.5 to 2.9 (tiny 8-layer model; re-sweep on the target model with `sweep-lambda2`).
+    /// `dllm`: D-LLM's recipe (CE + ratio loss, lambda_1 = 5 ramped, target 0.5; no entropy term).
+    /// `qtale`: the same plus the entropy regularizer. The paper does not publish lambda_2; 0.25 is the
+    /// largest value of our sweep (`lambda2_sweep` below: 0, 0.05, 0.1, 0.25, 0.5, 1) that kept the
+    /// validation CE within 5% of lambda_2 = 0 and the ratio within 0.05 of its target, while raising the
+    /// Gumbel flip rate from 0.076 to 0.128 and cutting the logit gap from 4.5 to 2.9 (tiny 8-layer
+    /// model; re-sweep on the target model with `sweep-lambda2`).
     pub fn preset(name: &str) -> Result<Self> {
+        let mut loss = BTreeMap::new();
+        loss.insert("ce".to_string(), serde_json::json!({}));
+        loss.insert(
+            "ratio".to_string(),
+            serde_json::json!({"weight": 5.0, "target": 0.5}),
+        );
         let base = TrainConfig {
             preset: name.to_string(),
             steps: 200,
@@ -89,14 +91,10 @@ impl TrainConfig {
             warmup_steps: 10,
             min_lr_factor: 0.1,
             grad_clip: 1.0,
-            ratio_target: 0.5,
-            lambda_ratio: 5.0,
-            lambda_ratio_ramp_steps: None,
-            lambda_ratio_ramp_fraction: 1.0,
-            lambda_entropy: 0.0,
+            loss,
+            router: RouterSpec::default(),
             temperature_start: 1.0,
             temperature_end: 1.0,
-            kd_weight: 0.0,
             seed: 0,
             log_every: 10,
             eval_every: 50,
@@ -107,10 +105,12 @@ impl TrainConfig {
         };
         match name {
             "dllm" => Ok(base),
-            "qtale" => Ok(TrainConfig {
-                lambda_entropy: 0.25,
-                ..base
-            }),
+            "qtale" => {
+                let mut c = base;
+                c.loss
+                    .insert("entropy".to_string(), serde_json::json!({"weight": 0.25}));
+                Ok(c)
+            }
             other => Err(config_err(
                 "preset",
                 format!("unknown `{other}` (dllm or qtale)"),
@@ -118,11 +118,25 @@ impl TrainConfig {
         }
     }
 
-    /// Steps of the lambda_1 ramp.
-    pub fn ramp_steps(&self) -> usize {
-        self.lambda_ratio_ramp_steps.unwrap_or_else(|| {
-            ((self.steps as f64 * self.lambda_ratio_ramp_fraction).ceil() as usize).max(1)
+    /// The objective's terms, built (and so checked) from `loss`.
+    pub fn objective(&self) -> Result<Objective> {
+        Objective::new(&self.loss)
+    }
+
+    /// The ratio term's target execution ratio, when the objective has one.
+    pub fn ratio_target(&self) -> Option<f64> {
+        self.loss.get("ratio").map(|r| {
+            r.get("target")
+                .and_then(Value::as_f64)
+                .unwrap_or(crate::loss::ratio::DEFAULT_TARGET)
         })
+    }
+
+    /// The final weight of term `name` (0 when absent): e.g. lambda_2 = `loss_weight("entropy")`.
+    pub fn loss_weight(&self, name: &str) -> f64 {
+        self.objective()
+            .map(|o| o.weight(name, self.steps, self.steps))
+            .unwrap_or(0.0)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -151,29 +165,24 @@ impl TrainConfig {
                 return Err(config_err(f, format!("{v} must be > 0")));
             }
         }
-        for (f, v) in [
-            ("weight_decay", self.weight_decay),
-            ("lambda_ratio", self.lambda_ratio),
-            ("lambda_entropy", self.lambda_entropy),
-            ("kd_weight", self.kd_weight),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(config_err(f, format!("{v} must be >= 0")));
-            }
-        }
-        if !(0.0..=1.0).contains(&self.ratio_target) {
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(config_err(
-                "ratio_target",
-                format!("{} must be in [0, 1]", self.ratio_target),
+                "weight_decay",
+                format!("{} must be >= 0", self.weight_decay),
             ));
         }
         if !(0.0..=1.0).contains(&self.min_lr_factor) {
             return Err(config_err("min_lr_factor", "must be in [0, 1]"));
         }
-        if !(self.lambda_ratio_ramp_fraction > 0.0 && self.lambda_ratio_ramp_fraction <= 1.0) {
+        self.objective()?;
+        if !kinds::kinds().contains(&self.router.kind) {
             return Err(config_err(
-                "lambda_ratio_ramp_fraction",
-                format!("{} must be in (0, 1]", self.lambda_ratio_ramp_fraction),
+                "router.kind",
+                format!(
+                    "unknown `{}` (registered: {})",
+                    self.router.kind,
+                    kinds::kinds().join(", ")
+                ),
             ));
         }
         for (f, v) in [
@@ -216,75 +225,22 @@ pub struct RouterDiag {
     pub layer_ratio: Vec<f64>,
 }
 
-/// The loss parts of one forward, differentiable, plus diagnostics.
-pub struct LossParts {
-    pub total: Tensor,
-    pub ce: Tensor,
-    pub ratio: Tensor,
-    pub entropy: Tensor,
-    pub kd: Option<Tensor>,
-}
-
-/// Compute the loss of a training-mode routed output (see the module doc).
-pub fn loss_parts(
-    out: &RoutedOutput,
-    batch: &Batch,
-    cfg: &TrainConfig,
-    lambda_ratio: f64,
-    dense_logits: Option<&Tensor>,
-) -> LossParts {
-    let ce = masked_ce(&out.logits, batch);
-    let m = out.ratio_mask().to_kind(Kind::Float);
-    let n = m.sum(Kind::Float).clamp_min(1.0);
-    let ratio = ((out.token_ratio() - cfg.ratio_target).abs() * &m).sum(Kind::Float) / &n;
-    let mut ent_sum = Tensor::zeros([], (Kind::Float, out.logits.device()));
-    let mut count = 0.0;
-    for lg in out.router_logits.iter().flatten() {
-        let p = lg.log_softmax(-1, Kind::Float);
-        let h = -(p.exp() * &p).sum_dim_intlist(-1, false, Kind::Float);
-        ent_sum += (h * &m).sum(Kind::Float);
-        count += 1.0;
-    }
-    let entropy = if count > 0.0 {
-        -(ent_sum / (&n * count))
-    } else {
-        Tensor::zeros([], (Kind::Float, out.logits.device()))
-    };
-    let kd = dense_logits.map(|d| {
-        let t = out.logits.size()[1];
-        let lp = out.logits.log_softmax(-1, Kind::Float);
-        let lq = d.log_softmax(-1, Kind::Float);
-        let kl = (lq.exp() * (&lq - &lp)).sum_dim_intlist(-1, false, Kind::Float);
-        let mask = batch.attention_mask.to_kind(Kind::Float).narrow(1, 0, t);
-        (kl * &mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0)
-    });
-    let mut total = &ce + &ratio * lambda_ratio + &entropy * cfg.lambda_entropy;
-    if let Some(k) = &kd {
-        total += k * cfg.kd_weight;
-    }
-    LossParts {
-        total,
-        ce,
-        ratio,
-        entropy,
-        kd,
-    }
-}
-
 /// Router diagnostics of a training-mode output.
 pub fn diagnostics(out: &RoutedOutput) -> RouterDiag {
     let _g = tch::no_grad_guard();
     let m = out.ratio_mask();
     let mf = m.to_kind(Kind::Float);
     let n = mf.sum(Kind::Float).double_value(&[]).max(1.0);
-    let (mut ent, mut gap, mut flip, mut flip_s, mut layers) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    let ent: f64 = router_entropies(out)
+        .into_iter()
+        .map(|h| (h * &mf).sum(Kind::Float).double_value(&[]))
+        .sum();
+    let (mut gap, mut flip, mut flip_s, mut layers) = (0.0, 0.0, 0.0, 0.0);
     for (lg, gate) in out.router_logits.iter().zip(&out.gates) {
         let (Some(lg), Some(gate)) = (lg, gate) else {
             continue;
         };
         let p = lg.log_softmax(-1, Kind::Float);
-        let h = -(p.exp() * &p).sum_dim_intlist(-1, false, Kind::Float);
-        ent += (h * &mf).sum(Kind::Float).double_value(&[]);
         let d = lg.select(-1, 1) - lg.select(-1, 0);
         gap += (d.abs() * &mf).sum(Kind::Float).double_value(&[]);
         let argmax = d.gt(0.0);
@@ -325,11 +281,12 @@ pub fn diagnostics(out: &RoutedOutput) -> RouterDiag {
 #[derive(Debug, Clone, Serialize)]
 pub struct StepLog {
     pub step: usize,
+    /// The weighted total.
     pub loss: f64,
     pub ce: f64,
-    pub ratio_loss: f64,
-    pub entropy_loss: f64,
-    pub lambda_ratio: f64,
+    /// Each term's unweighted value, and its weight at this step.
+    pub terms: BTreeMap<String, f64>,
+    pub weights: BTreeMap<String, f64>,
     pub lr_lora: f64,
     pub lr_router: f64,
     pub grad_norm: f64,
@@ -350,15 +307,17 @@ pub struct TrainSummary {
     pub val_ratio: f64,
     pub val_diag: RouterDiag,
     pub lora_path: PathBuf,
-    pub router_path: PathBuf,
+    /// The directory the router was saved to (its kind decides the files).
+    pub router_dir: PathBuf,
 }
 
 /// A training run over `model` (frozen base; LoRA is attached here) and a fresh or loaded router.
 pub struct Trainer<'a> {
     pub cfg: TrainConfig,
     pub model: &'a mut Llama,
-    pub router: DllmRouter,
+    pub router: Box<dyn TrainableRouter>,
     pub lora: Lora,
+    objective: Objective,
     opt: AdamW,
     step: usize,
     out_dir: PathBuf,
@@ -367,32 +326,30 @@ pub struct Trainer<'a> {
     pub stop_at: Option<usize>,
 }
 
-fn routed<'b>(
-    model: &'b Llama,
-    router: &'b DllmRouter,
-    rc: &RoutingConfig,
-    temperature: f64,
-) -> RoutedLlama<&'b Llama, &'b DllmRouter> {
-    let config = RoutingConfig {
-        temperature,
-        ..rc.clone()
-    };
+type Routed<'b> = RoutedLlama<&'b Llama, &'b dyn TrainableRouter>;
+
+fn routed<'b>(model: &'b Llama, router: &'b dyn TrainableRouter, rc: &RoutingConfig) -> Routed<'b> {
     RoutedLlama {
         model,
         router,
-        config,
+        config: rc.clone(),
+        theta: DEFAULT_THETA,
     }
 }
 
-/// A training-mode routed forward of one batch (Gumbel decisions, every token computes every layer).
-fn train_forward(routed: &RoutedLlama<&Llama, &DllmRouter>, b: &Batch) -> Result<RoutedOutput> {
+/// A training-mode routed forward of one batch (Gumbel decisions at `temperature`, every token
+/// computes every layer).
+fn train_forward(
+    routed: &Routed,
+    b: &crate::data::Batch,
+    temperature: f64,
+) -> Result<RoutedOutput> {
+    let opts = ForwardOptions {
+        temperature,
+        ..Default::default()
+    };
     routed
-        .forward(
-            &b.ids,
-            Some(&b.attention_mask),
-            Mode::Train,
-            &ForwardOptions::default(),
-        )
+        .forward(&b.ids, Some(&b.attention_mask), Mode::Train, &opts)
         .map_err(|e| config_err("routing", e.to_string()))
 }
 
@@ -409,18 +366,28 @@ fn seed_for(seed: u64, step: usize) -> i64 {
 }
 
 impl<'a> Trainer<'a> {
-    /// Attach LoRA to `model`, create the router, the optimizer groups, and the output directory.
-    pub fn new(cfg: TrainConfig, model: &'a mut Llama, out_dir: &Path) -> Result<Self> {
+    /// Attach LoRA to `model`, create the router (of `cfg.router.kind`; `calib` batches for kinds that
+    /// rank layers on data), the optimizer groups, and the output directory.
+    pub fn new(
+        cfg: TrainConfig,
+        model: &'a mut Llama,
+        out_dir: &Path,
+        calib: &[CalibBatch],
+    ) -> Result<Self> {
         cfg.validate()?;
-        let n_layers = model.layers.len();
-        let router = DllmRouter::new(
-            &cfg.routing,
-            model.config.hidden_size,
-            n_layers,
-            model.device,
-            cfg.seed,
+        let objective = cfg.objective()?;
+        let router = kinds::build(
+            &cfg.router.kind,
+            &RouterBuild {
+                model,
+                routing: &cfg.routing,
+                options: &cfg.router.options,
+                seed: cfg.seed,
+                calib,
+                saved: None,
+            },
         )
-        .map_err(|e| config_err("routing", e.to_string()))?;
+        .map_err(|e| config_err("router", e.to_string()))?;
         let lora = Lora::attach(model, cfg.lora.clone(), seed_for(cfg.seed, usize::MAX - 1))?;
         let named = |vs: &tch::nn::VarStore, prefix: &str| -> Vec<(String, Tensor)> {
             let mut v: Vec<(String, Tensor)> = vs
@@ -431,10 +398,14 @@ impl<'a> Trainer<'a> {
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         };
+        let router_vars = router
+            .var_store()
+            .map(|vs| named(vs, "router"))
+            .unwrap_or_default();
         let mut groups = Vec::new();
         for (name, vars, lr) in [
             ("lora", named(&lora.vs, "lora"), cfg.lr_lora),
-            ("router", named(&router.vs, "router"), cfg.lr_router),
+            ("router", router_vars, cfg.lr_router),
         ] {
             let (decay, no_decay) = split_decay(vars);
             groups.push(ParamGroup {
@@ -460,6 +431,7 @@ impl<'a> Trainer<'a> {
             model,
             router,
             lora,
+            objective,
             opt,
             step: 0,
             out_dir: out_dir.into(),
@@ -537,16 +509,11 @@ impl<'a> Trainer<'a> {
         tch::manual_seed(seed_for(self.cfg.seed, usize::MAX));
         let (mut ce, mut ratio, mut n) = (0.0, 0.0, 0.0);
         let mut last = RouterDiag::default();
-        let routed = routed(
-            self.model,
-            &self.router,
-            &self.cfg.routing,
-            self.cfg.temperature_end,
-        );
+        let routed = routed(self.model, &*self.router, &self.cfg.routing);
         for chunk in val.chunks(self.cfg.batch_size) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let b = collate(&refs, self.model.device);
-            let out = train_forward(&routed, &b)?;
+            let out = train_forward(&routed, &b, self.cfg.temperature_end)?;
             ce += masked_ce(&out.logits, &b).double_value(&[]) * chunk.len() as f64;
             last = diagnostics(&out);
             ratio += last.ratio * chunk.len() as f64;
@@ -572,7 +539,6 @@ impl<'a> Trainer<'a> {
             total: self.cfg.steps,
             min_factor: self.cfg.min_lr_factor,
         };
-        let ramp = self.cfg.ramp_steps();
         let log_path = self.out_dir.join("train_log.jsonl");
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -592,11 +558,11 @@ impl<'a> Trainer<'a> {
         while self.step < self.cfg.steps {
             let step = self.step;
             tch::manual_seed(seed_for(self.cfg.seed, step));
-            let lambda_ratio = sine_ramp(step, ramp, self.cfg.lambda_ratio);
             let temperature = self.cfg.temperature(step);
-            let routed = routed(self.model, &self.router, &self.cfg.routing, temperature);
+            let routed = routed(self.model, &*self.router, &self.cfg.routing);
             self.opt.zero_grad();
-            let (mut loss_v, mut ce_v, mut ratio_v, mut ent_v) = (0.0, 0.0, 0.0, 0.0);
+            let (mut loss_v, mut ce_v) = (0.0, 0.0);
+            let mut term_v: BTreeMap<String, f64> = BTreeMap::new();
             let mut diag = RouterDiag::default();
             let mut finite = true;
             for micro in 0..self.cfg.grad_accum {
@@ -606,25 +572,31 @@ impl<'a> Trainer<'a> {
                     .map(|i| &train[(start + i) % train.len()])
                     .collect();
                 let b = collate(&refs, self.model.device);
-                let out = train_forward(&routed, &b)?;
-                let dense = if self.cfg.kd_weight > 0.0 {
+                let out = train_forward(&routed, &b, temperature)?;
+                let dense = if self.objective.needs_dense() {
                     let _g = tch::no_grad_guard();
                     Some(self.model.forward(&b.ids, Some(&b.attention_mask))?.logits)
                 } else {
                     None
                 };
-                let parts = loss_parts(&out, &b, &self.cfg, lambda_ratio, dense.as_ref());
-                let lv = parts.total.double_value(&[]);
+                let x = LossInput {
+                    out: &out,
+                    batch: &b,
+                    dense_logits: dense.as_ref(),
+                };
+                let value = self.objective.evaluate(&x, step, self.cfg.steps);
+                let lv = value.total.double_value(&[]);
                 if !lv.is_finite() {
                     finite = false;
                     break;
                 }
-                (parts.total / self.cfg.grad_accum as f64).backward();
+                (value.total / self.cfg.grad_accum as f64).backward();
                 let k = self.cfg.grad_accum as f64;
                 loss_v += lv / k;
-                ce_v += parts.ce.double_value(&[]) / k;
-                ratio_v += parts.ratio.double_value(&[]) / k;
-                ent_v += parts.entropy.double_value(&[]) / k;
+                ce_v += masked_ce(&out.logits, &b).double_value(&[]) / k;
+                for (name, v) in &value.parts {
+                    *term_v.entry(name.clone()).or_default() += v.double_value(&[]) / k;
+                }
                 diag = diagnostics(&out);
                 tokens += self.cfg.batch_size * self.cfg.seq_len;
             }
@@ -664,13 +636,18 @@ impl<'a> Trainer<'a> {
                     (None, None)
                 };
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                let weights = self
+                    .objective
+                    .terms
+                    .iter()
+                    .map(|t| (t.name().to_string(), t.weight(step, self.cfg.steps)))
+                    .collect();
                 let entry = StepLog {
                     step: done,
                     loss: loss_v,
                     ce: ce_v,
-                    ratio_loss: ratio_v,
-                    entropy_loss: ent_v,
-                    lambda_ratio,
+                    terms: term_v,
+                    weights,
                     lr_lora: self.cfg.lr_lora * f,
                     lr_router: self.cfg.lr_router * f,
                     grad_norm,
@@ -708,12 +685,11 @@ impl<'a> Trainer<'a> {
             self.validate(val)?
         };
         let lora_path = self.out_dir.join("lora.safetensors");
-        let router_path = self.out_dir.join("router.safetensors");
         self.lora.save(&lora_path)?;
         self.router
-            .save(&router_path)
+            .save(&self.out_dir)
             .map_err(|e| TrainError::Checkpoint {
-                path: router_path.clone(),
+                path: self.out_dir.clone(),
                 msg: e.to_string(),
             })?;
         std::fs::write(
@@ -731,7 +707,7 @@ impl<'a> Trainer<'a> {
             val_ratio,
             val_diag,
             lora_path,
-            router_path,
+            router_dir: self.out_dir.clone(),
         })
     }
 }
@@ -814,14 +790,15 @@ pub(crate) mod tests_support {
         c.lr_lora = 3e-3;
         c.lr_router = 1e-2;
         c.warmup_steps = 5;
-        c.lambda_ratio_ramp_steps = Some(60);
+        c.loss.get_mut("ratio").unwrap()["ramp_steps"] = 60.into();
         c.log_every = 50;
         c.eval_every = 150;
         c.checkpoint_every = 75;
         c.routing.hidden = 32;
         c.lora.dropout = 0.0;
         if preset == "qtale" {
-            c.lambda_entropy = 0.5;
+            c.loss
+                .insert("entropy".into(), serde_json::json!({"weight": 0.5}));
         }
         c
     }
@@ -831,7 +808,7 @@ pub(crate) mod tests_support {
         let mut model = tiny_model(1);
         let train = counting_data(64, c.seq_len, 0);
         let val = counting_data(8, c.seq_len, 1000);
-        let mut t = Trainer::new(c, &mut model, out).unwrap();
+        let mut t = Trainer::new(c, &mut model, out, &[]).unwrap();
         let (ce0, r0, _) = t.validate(&val).unwrap();
         let s = t.train(&train, &val, |_| {}).unwrap();
         (s, ce0, r0)
@@ -870,19 +847,19 @@ mod tests {
         c.lora.dropout = 0.05; // exercise the reseeded dropout too
         let train = counting_data(16, c.seq_len, 0);
         let mut m1 = tiny_model(1);
-        let mut a = Trainer::new(c.clone(), &mut m1, &dir.path().join("a")).unwrap();
+        let mut a = Trainer::new(c.clone(), &mut m1, &dir.path().join("a"), &[]).unwrap();
         a.train(&train, &[], |_| {}).unwrap();
         let want = params(&a);
 
         let mut m2 = tiny_model(1);
-        let mut b = Trainer::new(c.clone(), &mut m2, &dir.path().join("b")).unwrap();
+        let mut b = Trainer::new(c.clone(), &mut m2, &dir.path().join("b"), &[]).unwrap();
         b.stop_at = Some(6);
         b.train(&train, &[], |_| {}).unwrap();
         assert_eq!(b.step(), 6);
         let at_stop = params(&b);
         drop(b);
         let mut m3 = tiny_model(1);
-        let mut b2 = Trainer::new(c.clone(), &mut m3, &dir.path().join("b")).unwrap();
+        let mut b2 = Trainer::new(c.clone(), &mut m3, &dir.path().join("b"), &[]).unwrap();
         assert!(b2.resume().unwrap());
         assert_eq!(b2.step(), 6);
         for ((n, x), (_, y)) in at_stop.iter().zip(params(&b2)) {
@@ -902,15 +879,9 @@ mod tests {
         }
         // A different config is refused by name.
         let mut m4 = tiny_model(1);
-        let mut other = Trainer::new(
-            TrainConfig {
-                lambda_entropy: 0.0,
-                ..c
-            },
-            &mut m4,
-            &dir.path().join("b"),
-        )
-        .unwrap();
+        let mut c4 = c.clone();
+        c4.loss.remove("entropy");
+        let mut other = Trainer::new(c4, &mut m4, &dir.path().join("b"), &[]).unwrap();
         assert!(other
             .resume()
             .unwrap_err()
@@ -928,7 +899,7 @@ mod tests {
         c.max_nonfinite = 3;
         let train = counting_data(16, c.seq_len, 0);
         let mut m = tiny_model(1);
-        let mut t = Trainer::new(c, &mut m, dir.path()).unwrap();
+        let mut t = Trainer::new(c, &mut m, dir.path(), &[]).unwrap();
         t.stop_at = Some(2);
         t.train(&train, &[], |_| {}).unwrap();
         let ck = dir.path().join("checkpoint.safetensors");
@@ -995,7 +966,7 @@ mod tests {
         assert!(q.val_diag.entropy > d.val_diag.entropy, "entropy");
         assert!(q.val_diag.logit_gap < d.val_diag.logit_gap, "logit gap");
         assert!(q.val_diag.flip_rate > d.val_diag.flip_rate, "flip rate");
-        assert!(d.lora_path.exists() && d.router_path.exists());
+        assert!(d.lora_path.exists() && d.router_dir.join("router.safetensors").exists());
     }
 
     /// A bf16 base model (the CUDA configuration; tiny here, so CPU bf16 matmuls cost nothing): it
@@ -1012,14 +983,14 @@ mod tests {
         let train = counting_data(64, c.seq_len, 0);
         let val = counting_data(8, c.seq_len, 1000);
         let mut m32 = tiny_model_in(1, Kind::Float);
-        let ce32 = Trainer::new(c.clone(), &mut m32, &dir.path().join("f32"))
+        let ce32 = Trainer::new(c.clone(), &mut m32, &dir.path().join("f32"), &[])
             .unwrap()
             .validate(&val)
             .unwrap()
             .0;
         let mut m16 = tiny_model_in(1, Kind::BFloat16);
         assert_eq!(m16.kind, Kind::BFloat16);
-        let mut t = Trainer::new(c, &mut m16, &dir.path().join("bf16")).unwrap();
+        let mut t = Trainer::new(c, &mut m16, &dir.path().join("bf16"), &[]).unwrap();
         let (ce0, _, _) = t.validate(&val).unwrap();
         assert!(
             (ce0 - ce32).abs() < 0.02 * ce32,
@@ -1039,25 +1010,42 @@ mod tests {
     }
 
     /// The KD term is KL(dense || routed) per real token (checked against torch's `kl_div`), zero when
-    /// the teacher is the routed model itself, and it enters the total with `kd_weight`.
+    /// the teacher is the routed model itself; the objective's total is the weighted sum of its terms.
     #[test]
     fn kd_term_is_the_token_mean_kl_to_the_dense_logits() {
         let _lock = RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(3);
         let model = tiny_model(2);
         let mut cfg = small_cfg("dllm");
-        cfg.kd_weight = 0.7;
-        let router = DllmRouter::new(&cfg.routing, 64, 8, tch::Device::Cpu, 5).unwrap();
-        let r = routed(&model, &router, &cfg.routing, 1.0);
+        cfg.loss
+            .insert("kd".into(), serde_json::json!({"weight": 0.7}));
+        let obj = cfg.objective().unwrap();
+        assert!(obj.needs_dense());
+        let router =
+            qtale_router::DllmRouter::new(&cfg.routing, 64, 8, tch::Device::Cpu, 5).unwrap();
+        let r = routed(&model, &router, &cfg.routing);
         let data = counting_data(3, 12, 0);
         let refs: Vec<&Example> = data.iter().collect();
         let b = collate(&refs, tch::Device::Cpu);
-        let out = train_forward(&r, &b).unwrap();
+        let out = train_forward(&r, &b, 1.0).unwrap();
         let dense = model
             .forward(&b.ids, Some(&b.attention_mask))
             .unwrap()
             .logits;
-        let p = loss_parts(&out, &b, &cfg, 2.0, Some(&dense));
+        let x = LossInput {
+            out: &out,
+            batch: &b,
+            dense_logits: Some(&dense),
+        };
+        let v = obj.evaluate(&x, 30, 150);
+        let part = |name: &str| {
+            v.parts
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap()
+                .1
+                .double_value(&[])
+        };
         let lp = out.logits.log_softmax(-1, Kind::Float);
         let lq = dense.log_softmax(-1, Kind::Float);
         let kl = lp
@@ -1065,17 +1053,28 @@ mod tests {
             .sum_dim_intlist(-1, false, Kind::Float);
         let m = b.attention_mask.to_kind(Kind::Float);
         let want = ((kl * &m).sum(Kind::Float) / m.sum(Kind::Float)).double_value(&[]);
-        let got = p.kd.as_ref().unwrap().double_value(&[]);
+        let got = part("kd");
         assert!(want > 1e-4, "routed and dense differ, KL {want}");
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
-        let parts = p.ce.double_value(&[])
-            + 2.0 * p.ratio.double_value(&[])
-            + cfg.lambda_entropy * p.entropy.double_value(&[])
-            + 0.7 * got;
-        assert!((p.total.double_value(&[]) - parts).abs() < 1e-4);
-        let same = loss_parts(&out, &b, &cfg, 2.0, Some(&out.logits.detach()));
-        assert!(same.kd.unwrap().double_value(&[]).abs() < 1e-6);
-        assert!(loss_parts(&out, &b, &cfg, 2.0, None).kd.is_none());
+        // ratio weight at step 30 of a 60-step sine ramp: 5 sin(pi/4)
+        let w_ratio = 5.0 * std::f64::consts::FRAC_PI_4.sin();
+        assert!((obj.weight("ratio", 30, 150) - w_ratio).abs() < 1e-12);
+        let parts = part("ce") + w_ratio * part("ratio") + 0.7 * got;
+        assert!((v.total.double_value(&[]) - parts).abs() < 1e-4);
+        let same = LossInput {
+            dense_logits: Some(&out.logits.detach()),
+            ..x
+        };
+        let v2 = obj.evaluate(&same, 30, 150);
+        let kd_same = v2
+            .parts
+            .iter()
+            .find(|(n, _)| n == "kd")
+            .unwrap()
+            .1
+            .double_value(&[]);
+        assert!(kd_same.abs() < 1e-6);
+        assert!(!small_cfg("dllm").objective().unwrap().needs_dense());
     }
 }
 
@@ -1094,11 +1093,13 @@ mod sweep {
         println!("lambda2,val_ce,val_ratio,entropy,logit_gap,flip_rate");
         for l2 in [0.0, 0.05, 0.1, 0.25, 0.5, 1.0] {
             let mut c = small_cfg("qtale");
-            c.lambda_entropy = l2;
+            c.loss
+                .insert("entropy".into(), serde_json::json!({"weight": l2}));
             let mut model = tiny_model(1);
             let train = counting_data(64, c.seq_len, 0);
             let val = counting_data(8, c.seq_len, 1000);
-            let mut t = Trainer::new(c, &mut model, &dir.path().join(format!("l{l2}"))).unwrap();
+            let mut t =
+                Trainer::new(c, &mut model, &dir.path().join(format!("l{l2}")), &[]).unwrap();
             let s = t.train(&train, &val, |_| {}).unwrap();
             let d = &s.val_diag;
             println!(

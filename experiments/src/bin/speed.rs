@@ -16,8 +16,8 @@ use experiments::grid::{
 use qtale_model::model::KvCache;
 use qtale_model::Decoder;
 use qtale_model::Llama;
-use qtale_router::DllmRouter;
 use qtale_router::RoutedDecoder;
+use qtale_router::TrainableRouter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,7 +63,7 @@ fn cache_bytes(c: &KvCache) -> usize {
 struct Variant<'a> {
     name: String,
     dense: &'a Llama,
-    routed: Option<RoutedDecoder<&'a Llama, DllmRouter>>,
+    routed: Option<RoutedDecoder<&'a Llama, Box<dyn TrainableRouter>>>,
     theta: Option<f64>,
     prompt: Vec<i64>,
     prefill: Vec<f64>,

@@ -28,12 +28,15 @@ struct Args {
     seq_len: Option<usize>,
     #[arg(long)]
     batch: Option<usize>,
-    /// lambda_2 of the entropy term (overrides the preset).
+    /// lambda_2 of the entropy term (`loss.entropy.weight`; overrides the preset).
     #[arg(long)]
     lambda_entropy: Option<f64>,
-    /// Target execution ratio of the ratio loss.
+    /// Target execution ratio of the ratio loss (`loss.ratio.target`).
     #[arg(long)]
     ratio_target: Option<f64>,
+    /// Router kind (`router.kind`): dllm, static, random, dense, or a registered one.
+    #[arg(long)]
+    router: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
     /// User training data (JSONL) instead of the built-in corpus.
@@ -67,12 +70,10 @@ fn main() -> Result<()> {
         let mut v = serde_json::to_value(&cfg)?;
         let over: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
-        let (Some(base), Some(over)) = (v.as_object_mut(), over.as_object()) else {
+        if !over.is_object() {
             bail!("{}: expected a JSON object", p.display())
-        };
-        for (k, val) in over {
-            base.insert(k.clone(), val.clone());
         }
+        experiments::cell::merge_json(&mut v, &over);
         cfg = serde_json::from_value(v)
             .with_context(|| format!("{}: invalid config", p.display()))?;
     }
@@ -86,10 +87,18 @@ fn main() -> Result<()> {
         cfg.batch_size = x;
     }
     if let Some(x) = a.lambda_entropy {
-        cfg.lambda_entropy = x;
+        cfg.loss
+            .insert("entropy".into(), serde_json::json!({ "weight": x }));
     }
     if let Some(x) = a.ratio_target {
-        cfg.ratio_target = x;
+        let r = cfg
+            .loss
+            .entry("ratio".into())
+            .or_insert(serde_json::json!({}));
+        r["target"] = x.into();
+    }
+    if let Some(k) = &a.router {
+        cfg.router.kind = k.clone();
     }
     if let Some(x) = a.seed {
         cfg.seed = x;
