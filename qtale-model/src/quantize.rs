@@ -5,7 +5,10 @@
 //! high precision (AWQ folds its scales into the norms, which stay f32).
 //!
 //! * GPTQ: layers in order; each layer's linears see the outputs of the already quantized earlier
-//!   layers (one Hessian per distinct input: q/k/v share one, gate/up share one).
+//!   layers (one Hessian per distinct input: q/k/v share one, gate/up share one). Within a layer,
+//!   with `true_sequential` (the default, the reference's `--true-sequential`), the stages
+//!   `[q, k, v]`, `[o]`, `[gate, up]`, `[down]` are quantized in turn, each from inputs re-captured
+//!   with the earlier stages quantized.
 //! * AWQ: each layer's searches run on full-precision activations (the outputs of the unquantized,
 //!   scaled layer feed the next one): scales for (q,k,v) scored on the decoder block's output, (gate,up)
 //!   on the MLP output, down on its own output, folded into input_layernorm / post_attention_layernorm /
@@ -525,7 +528,8 @@ pub fn quantize_model(
         let lt = Instant::now();
         let layer = &mut model.layers[li];
         // Capture: which linear records into which sink (k/v share q's input, up shares gate's).
-        let in_of = |n: &str| slot_weight_in(n, layer_dims(layer));
+        let dims = layer_dims(layer);
+        let in_of = |n: &str| slot_weight_in(n, dims);
         let recorders = ["q_proj", "o_proj", "gate_proj", "down_proj"];
         let max_rows = if opts.method == Method::Awq {
             opts.awq_eval_rows.max(opts.awq_clip_rows)
@@ -535,7 +539,8 @@ pub fn quantize_model(
         let sinks: Vec<Arc<Mutex<Sink>>> = recorders
             .iter()
             .map(|n| -> QResult<_> {
-                let g = if opts.method == Method::Gptq {
+                // True-sequential GPTQ re-captures the inputs of o/gate/down later.
+                let g = if opts.method == Method::Gptq && (*n == "q_proj" || !cfg.true_sequential) {
                     Some(Gptq::new(in_of(n), cfg.clone(), dev)?)
                 } else {
                     None
@@ -578,21 +583,47 @@ pub fn quantize_model(
 
         match opts.method {
             Method::Gptq => {
-                for name in LINEARS {
-                    let t = Instant::now();
-                    let w = slot(layer, name).weight();
-                    let g = sinks[sink_of(name)].gptq.as_mut().expect("gptq sink");
-                    let (q, rep) = g.solve(&w)?;
-                    finish(
-                        &mut summary,
-                        layer,
-                        li,
-                        name,
-                        &w,
-                        q,
-                        t.elapsed().as_secs_f64(),
-                        Some(rep),
-                    )?;
+                for (stage, recorder) in recorders.iter().enumerate() {
+                    if stage > 0 && cfg.true_sequential {
+                        // This stage's Hessian from the block with the earlier stages quantized.
+                        let sink = Arc::new(Mutex::new(Sink::new(
+                            Some(Gptq::new(in_of(recorder), cfg.clone(), dev)?),
+                            0,
+                        )));
+                        let w = slot(layer, recorder).weight();
+                        let orig = install(
+                            layer,
+                            recorder,
+                            Box::new(Capture {
+                                weight: w,
+                                sink: Some(sink.clone()),
+                            }),
+                        );
+                        for i in 0..b.xs.len() {
+                            let _ = run_layer(layer, &b, i);
+                        }
+                        install(layer, recorder, orig);
+                        sinks[stage] = Arc::try_unwrap(sink)
+                            .expect("capture dropped")
+                            .into_inner()
+                            .expect("sink lock");
+                    }
+                    for name in LINEARS.iter().filter(|n| sink_of(n) == stage) {
+                        let t = Instant::now();
+                        let w = slot(layer, name).weight();
+                        let g = sinks[stage].gptq.as_mut().expect("gptq sink");
+                        let (q, rep) = g.solve(&w)?;
+                        finish(
+                            &mut summary,
+                            layer,
+                            li,
+                            name,
+                            &w,
+                            q,
+                            t.elapsed().as_secs_f64(),
+                            Some(rep),
+                        )?;
+                    }
                 }
                 // Later layers see this layer quantized.
                 b.xs = (0..b.xs.len()).map(|i| run_layer(layer, &b, i)).collect();
