@@ -3,7 +3,9 @@
 //! Format ([`Int4Matrix`]): `W[r, c] = scale[r, g] * (q[r, c] - zero[r, g])` with `g = c / group`,
 //! `q, zero` in `0..16`. Codes are stored row-major in blocks of 32 weights: 16 bytes per block, the low
 //! nibble of byte `j` is weight `j` of the block and the high nibble weight `j + 16` (as ggml's Q4 blocks).
-//! Scales are f32, zero points one byte each, both `[rows, cols / group]`.
+//! Scales are f32, zero points one byte each, both `[rows, ceil(cols / group)]`: when `group` does not
+//! divide `cols` the last group is ragged (`cols % group` columns, e.g. 576 = 4 x 128 + 64, as GPTQ
+//! checkpoints of 576-wide layers at group 128 have); it must still be whole blocks of 32.
 //!
 //! Kernels compute `y[t, r] = sum_c x[t, c] W[r, c]` for `m` tokens:
 //! * [`Backend::Scalar`]: the f32 reference (dequantize each weight, f32 dot products);
@@ -74,8 +76,9 @@ pub struct Int4Matrix {
 }
 
 impl Int4Matrix {
-    /// Pack codes `[rows, cols]` (row-major, each `< 16`), scales and zero points `[rows, cols / group]`.
-    /// `group` must be a multiple of 32 that divides `cols`.
+    /// Pack codes `[rows, cols]` (row-major, each `< 16`), scales and zero points
+    /// `[rows, ceil(cols / group)]`. `group` must be a positive multiple of 32, and so must the ragged
+    /// last group when `group` does not divide `cols` ([`KernelError::RaggedGroup`] otherwise).
     pub fn new(
         rows: usize,
         cols: usize,
@@ -84,12 +87,19 @@ impl Int4Matrix {
         scales: &[f32],
         zeros: &[u8],
     ) -> Result<Self> {
-        if group == 0 || !group.is_multiple_of(BLOCK) || !cols.is_multiple_of(group) {
+        if group == 0 || !group.is_multiple_of(BLOCK) {
             return Err(KernelError::Shape(format!(
-                "int4 group size {group} must be a positive multiple of {BLOCK} dividing cols = {cols}"
+                "int4 group size {group} must be a positive multiple of {BLOCK}"
             )));
         }
-        let ng = cols / group;
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(KernelError::RaggedGroup {
+                cols,
+                group,
+                last: cols % group,
+            });
+        }
+        let ng = cols.div_ceil(group);
         if codes.len() != rows * cols {
             return Err(KernelError::Shape(format!(
                 "codes: {} values for a [{rows}, {cols}] matrix",
@@ -180,9 +190,14 @@ impl Int4Matrix {
         out
     }
 
+    /// Groups per row, `ceil(cols / group)`.
+    pub fn n_groups(&self) -> usize {
+        self.cols.div_ceil(self.group)
+    }
+
     /// The dequantized weight `[rows, cols]`, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        let ng = self.cols / self.group;
+        let ng = self.n_groups();
         let mut w = self.codes().into_iter().map(f32::from).collect::<Vec<_>>();
         for r in 0..self.rows {
             for c in 0..self.cols {
@@ -299,7 +314,7 @@ impl Int4Matrix {
 
     /// Rows `r0..r1` for all `m` tokens into `out[t * (r1 - r0) + (r - r0)]`.
     fn rows_scalar(&self, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
-        let ng = self.cols / self.group;
+        let ng = self.n_groups();
         let mut wrow = vec![0f32; self.cols];
         for r in r0..r1 {
             let q = &self.qs[r * self.cols / 2..(r + 1) * self.cols / 2];
@@ -311,7 +326,7 @@ impl Int4Matrix {
             }
             for g in 0..ng {
                 let (s, z) = (self.scales[r * ng + g], self.zeros[r * ng + g] as f32);
-                for w in &mut wrow[g * self.group..(g + 1) * self.group] {
+                for w in &mut wrow[g * self.group..((g + 1) * self.group).min(self.cols)] {
                     *w = s * (*w - z);
                 }
             }
@@ -336,36 +351,41 @@ pub fn default_threads() -> usize {
 ///
 /// With `paired` (groups of an even number of blocks) each run of 64 activations `x[0..64]` (blocks
 /// `b`, `b + 1`) is stored as `x[0..16], x[32..48], x[16..32], x[48..64]`: the order of the low
-/// nibbles and then the high nibbles of the two blocks' 32 packed bytes loaded as one vector.
+/// nibbles and then the high nibbles of the two blocks' 32 packed bytes loaded as one vector. A ragged
+/// last group of an odd number of blocks keeps its final block in plain order (the kernel unpacks it
+/// on its own).
 #[derive(Debug)]
 pub struct QuantActs {
     /// `[m, cols]`, permuted per 64 when `paired`
     pub q: Vec<i8>,
-    /// `[m, cols / group]`
+    /// `[m, ceil(cols / group)]`
     pub d: Vec<f32>,
-    /// `[m, cols / group]`
+    /// `[m, ceil(cols / group)]`
     pub sum: Vec<f32>,
     pub paired: bool,
 }
 
 impl QuantActs {
     pub fn new(x: &[f32], m: usize, cols: usize, group: usize) -> Self {
-        let ng = cols / group;
+        let ng = cols.div_ceil(group);
         let paired = group.is_multiple_of(2 * BLOCK);
         let mut q = vec![0i8; m * cols];
         let mut d = vec![0f32; m * ng];
         let mut sum = vec![0f32; m * ng];
-        for (i, (xs, qs)) in x
-            .chunks_exact(group)
-            .zip(q.chunks_exact_mut(group))
-            .enumerate()
-        {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            sum[i] = xs.iter().sum();
-            if amax > 0.0 && amax.is_finite() {
+        for t in 0..m {
+            for g in 0..ng {
+                let (c0, c1) = (t * cols + g * group, t * cols + ((g + 1) * group).min(cols));
+                let (xs, qs) = (&x[c0..c1], &mut q[c0..c1]);
+                let i = t * ng + g;
+                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                sum[i] = xs.iter().sum();
+                if !(amax > 0.0 && amax.is_finite()) {
+                    continue;
+                }
                 let scale = amax / 127.0;
                 let inv = 1.0 / scale;
                 let quant = |v: f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
+                let mut done = 0;
                 if paired {
                     for (xp, qp) in xs
                         .chunks_exact(2 * BLOCK)
@@ -378,10 +398,10 @@ impl QuantActs {
                             qp[48 + j] = quant(xp[48 + j]);
                         }
                     }
-                } else {
-                    for (o, v) in qs.iter_mut().zip(xs) {
-                        *o = quant(*v);
-                    }
+                    done = xs.len() / (2 * BLOCK) * 2 * BLOCK;
+                }
+                for (o, v) in qs[done..].iter_mut().zip(&xs[done..]) {
+                    *o = quant(*v);
                 }
                 d[i] = scale;
             }
@@ -465,7 +485,9 @@ mod avx2 {
         f: &mut [f32],
     ) {
         let cols = w.cols;
-        let ng = cols / w.group;
+        let ng = w.n_groups();
+        // Whole groups; a ragged last group (`cols % group` columns) is handled after them.
+        let full = cols / w.group;
         let gbytes = w.group / 2;
         let len = r1 - r0;
         let mask = _mm256_set1_epi8(0x0F);
@@ -501,7 +523,7 @@ mod avx2 {
             let mut tot = [_mm256_setzero_ps(); NT];
             // `wp`: the group's packed bytes; `c`: its first column.
             let (mut wp, mut c) = (row, 0usize);
-            for g in 0..ng {
+            for g in 0..full {
                 for l in 0..lines {
                     _mm_prefetch(wp.add(64 * l + PREFETCH_BYTES) as *const i8, _MM_HINT_T0);
                 }
@@ -546,6 +568,45 @@ mod avx2 {
                     tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), fv, tot[t]);
                 }
             }
+            if full < ng {
+                // The ragged last group: its block pairs as above (when paired), then any
+                // remaining single blocks unpacked on their own (activations in plain order).
+                let width = cols - c;
+                let mut acc = [_mm256_setzero_si256(); NT];
+                let np = if PAIRED { width / (2 * BLOCK) } else { 0 };
+                for k in 0..np {
+                    let raw = _mm256_loadu_si256(wp.add(k * BLOCK) as *const __m256i);
+                    let lo = _mm256_and_si256(raw, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    for t in 0..NT {
+                        let x = xq.add(t * cols + c + k * 2 * BLOCK);
+                        let xl = _mm256_loadu_si256(x as *const __m256i);
+                        let xh = _mm256_loadu_si256(x.add(BLOCK) as *const __m256i);
+                        let s16 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, xl),
+                            _mm256_maddubs_epi16(hi, xh),
+                        );
+                        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16, ones));
+                    }
+                }
+                wp = wp.add(np * BLOCK);
+                c += np * 2 * BLOCK;
+                while c < cols {
+                    let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(wp as *const __m128i));
+                    let nib = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
+                    for t in 0..NT {
+                        let xv = _mm256_loadu_si256(xq.add(t * cols + c) as *const __m256i);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(nib, xv), ones);
+                        acc[t] = _mm256_add_epi32(acc[t], p);
+                    }
+                    wp = wp.add(BLOCK / 2);
+                    c += BLOCK;
+                }
+                for t in 0..NT {
+                    let fv = _mm256_broadcast_ss(&*fp.add(t * ng + full));
+                    tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), fv, tot[t]);
+                }
+            }
             for t in 0..NT {
                 *out.get_unchecked_mut(t * len + r - r0) = hsum(tot[t]) - zterm[t];
             }
@@ -567,7 +628,7 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let len = r1 - r0;
-        let ng = w.cols / w.group;
+        let ng = w.n_groups();
         assert!(r1 <= w.rows && out.len() == len * m);
         assert!(a.q.len() == m * w.cols && a.d.len() == m * ng);
         assert!(a.paired == w.group.is_multiple_of(2 * BLOCK));

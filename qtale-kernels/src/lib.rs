@@ -19,6 +19,13 @@ pub enum KernelError {
     CodeOutOfRange { index: usize, code: u8, bits: u32 },
     #[error("shape error: {0}")]
     Shape(String),
+    /// The int4 kernel works on whole blocks of 32 columns; a ragged last group must be too.
+    #[error("int4 kernel: {cols} columns at group {group} leave a ragged last group of {last} columns, not a multiple of 32")]
+    RaggedGroup {
+        cols: usize,
+        group: usize,
+        last: usize,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, KernelError>;

@@ -5,7 +5,7 @@ use qtale_kernels::KernelError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize, group: usize) -> Int4Matrix {
-    let ng = cols / group;
+    let ng = cols.div_ceil(group);
     let codes: Vec<u8> = (0..rows * cols).map(|_| rng.gen_range(0..16)).collect();
     let scales: Vec<f32> = (0..rows * ng).map(|_| rng.gen_range(1e-3..0.1)).collect();
     let zeros: Vec<u8> = (0..rows * ng).map(|_| rng.gen_range(0..16)).collect();
@@ -230,4 +230,49 @@ fn pack_unpack_round_trip_exact() {
         Int4Matrix::new(1, 32, 32, &[16; 32], &[1.0], &[0]),
         Err(KernelError::CodeOutOfRange { .. })
     ));
+}
+
+/// A ragged last group (`cols % group` columns, a multiple of 32): GPTQ checkpoints of SmolLM2's
+/// 576-wide layers at group 128 (4 x 128 + 64). Every way the AVX2 kernel meets one: block pairs
+/// only (64), a single block (32), pairs plus a single block (96, and a group wider than the matrix),
+/// and unpaired groups (96 with a tail of 64); each token count of a tile.
+#[test]
+fn ragged_last_group_matches_scalar_and_formula() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for &(rows, cols, group, m) in &[
+        (576, 576, 128, 1),
+        (40, 160, 128, 3),
+        (24, 224, 128, 2),
+        (16, 544, 96, 2),
+        (8, 96, 128, 4),
+        (72, 1600, 256, 9),
+    ] {
+        let w = random_matrix(&mut rng, rows, cols, group);
+        assert_eq!(w.n_groups(), cols.div_ceil(group));
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        check(&w, &x, m, &format!("ragged {rows}x{cols} g{group} m{m}"));
+    }
+    let w = random_matrix(&mut rng, 24, 576, 128);
+    for m in 1..=8 {
+        let x: Vec<f32> = (0..m * 576).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        check(&w, &x, m, &format!("ragged 24x576 g128 m{m}"));
+    }
+    // the formula with the ragged group's own scale and zero point
+    let dq = w.dequantize();
+    let codes = w.codes();
+    for r in 0..24 {
+        for c in [0, 511, 512, 575] {
+            let g = r * 5 + c / 128;
+            let want = w.scales()[g] * (codes[r * 576 + c] as f32 - w.zeros()[g] as f32);
+            assert_eq!(dq[r * 576 + c], want, "w[{r}, {c}]");
+        }
+    }
+    // a ragged group that is not whole blocks of 32 is refused by name
+    for (cols, group, last) in [(100usize, 64usize, 36usize), (48, 32, 16)] {
+        let ng = cols.div_ceil(group);
+        assert_eq!(
+            Int4Matrix::new(1, cols, group, &vec![0; cols], &vec![1.0; ng], &vec![0; ng]),
+            Err(KernelError::RaggedGroup { cols, group, last })
+        );
+    }
 }

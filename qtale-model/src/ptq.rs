@@ -310,6 +310,8 @@ struct Block<'a> {
     /// Dense weights at the start of the block (the reference of every output error).
     original: Vec<(&'static str, Tensor)>,
     opts: &'a PtqOptions,
+    cfg: &'a QuantConfig,
+    needs: Needs,
     summary: &'a mut QuantizeSummary,
     started: Instant,
 }
@@ -341,6 +343,33 @@ impl BlockAccess for Block<'_> {
     }
     fn stats(&mut self, i: usize) -> &mut InputStats {
         &mut self.stats[i]
+    }
+    fn recapture(&mut self, i: usize) -> qtale_quant::Result<()> {
+        let b = self.batches.ok_or_else(|| {
+            QuantError::Config("re-capturing an input needs calibration data".into())
+        })?;
+        let name = INPUTS[i][0];
+        let w = self.weight(name)?;
+        let sink =
+            Sink::new(self.needs, w.size()[1] as usize, self.cfg, w.device()).map_err(to_quant)?;
+        let sink = Arc::new(Mutex::new(sink));
+        let capture = Box::new(Capture {
+            weight: w,
+            sink: Some(sink.clone()),
+            needs: self.needs,
+        });
+        let orig = install(self.layer, name, capture).map_err(to_quant)?;
+        for k in 0..b.xs.len() {
+            let _ = b.run(self.layer, k);
+        }
+        install(self.layer, name, orig).map_err(to_quant)?;
+        self.stats[i] = Arc::into_inner(sink)
+            .expect("capture dropped")
+            .into_inner()
+            .expect("sink lock")
+            .finish()
+            .map_err(to_quant)?;
+        Ok(())
     }
     fn weight(&self, linear: &str) -> qtale_quant::Result<Tensor> {
         let l = self.layer_ref(linear)?;
@@ -594,6 +623,8 @@ pub fn quantize_model(
             n_eval,
             original,
             opts,
+            cfg,
+            needs,
             summary: &mut summary,
             started: Instant::now(),
         };

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 use crate::config::QuantConfig;
 use crate::error::{QuantError, Result};
 use crate::method::{parse_options, BlockAccess, Calibration, Compressed, Needs, Quantizer};
-use crate::rtn::{fake, fake_quantize, group_params, quantize_rtn};
+use crate::rtn::{fake, fake_quantize, group_params, pad_groups, quantize_rtn};
 
 /// Points of the alpha grid: `alpha = k / 20`, `k = 0..20` (0 means no scaling, i.e. plain RTN).
 pub const ALPHA_GRID: usize = 20;
@@ -123,13 +123,11 @@ pub fn search_clip(
     }
     let (o, i) = (ws[0], ws[1]);
     let g = cfg.group_for(i as usize)? as i64;
-    let ng = i / g;
     let _guard = tch::no_grad_guard();
-    let xg = x
-        .to_kind(Kind::Float)
-        .to_device(w.device())
-        .view([-1, ng, g]);
-    let wg = w.to_kind(Kind::Float).reshape([o, ng, g]);
+    // A ragged last group is zero-padded in both (exact: padded columns add nothing to the error).
+    let (wg, ng) = pad_groups(w, g);
+    let (xg, _) = pad_groups(&x.to_device(w.device()), g);
+    let xg = xg.view([-1, ng, g]);
     let row_chunk = 256;
     let mut out = Vec::new();
     let mut r0 = 0;

@@ -1,6 +1,16 @@
 //! GPTQ (Frantar et al.): quantize the columns of a weight one at a time, compensating each rounding
 //! error on the not yet quantized columns through the inverse Hessian of the layer-wise least-squares
 //! objective `||W X - Q X||^2`, `H = 2/n sum x x^T`.
+//!
+//! The solver follows the reference implementation (IST-DASLab/gptq `GPTQ.fasterquant`) step for
+//! step, and gives its codes bit for bit on the same Hessian (`qtale-model/tests/gptq_reference.rs`):
+//! dead columns (`H_jj = 0`) zeroed, damping `percdamp * mean(diag H)` added in f32, the upper
+//! Cholesky factor of `H^-1`, blocks of 128 columns with the lazy update after each, act-order by
+//! decreasing `diag H`, static groups from the original weight. Two details matter for parity:
+//! a dynamic group's scale and zero point come from the weight as it was when the current block
+//! started (the reference reads `W`, not the block's working copy), and per channel from the weight
+//! before the dead columns are zeroed. A group size that does not divide the input width leaves a
+//! ragged last group, as in the reference.
 use std::time::Instant;
 
 use serde::Serialize;
@@ -8,9 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::QuantConfig;
 use crate::error::{QuantError, Result};
-use crate::method::{
-    each_linear, no_options, BlockAccess, Calibration, Compressed, Needs, Quantizer,
-};
+use crate::method::{no_options, BlockAccess, Calibration, Compressed, Needs, Quantizer};
 use crate::rtn::group_params;
 use crate::weight::QuantizedWeight;
 
@@ -85,14 +93,18 @@ impl Gptq {
     }
 
     /// Upper Cholesky factor of the inverse of the damped Hessian, with escalating damping.
+    ///
+    /// The first attempt is the reference's arithmetic to the bit (`damp = percdamp * mean(diag H)`
+    /// as an f32 tensor op, added to the diagonal in place; Cholesky, `cholesky_inverse`, upper
+    /// Cholesky): an ill-conditioned Hessian (SmolLM2's first `down_proj`) amplifies a one-ulp
+    /// difference in the damping into different codes.
     fn inverse_factor(&self, h: &Tensor) -> Result<(Tensor, f64, usize)> {
-        let d = h.size()[0];
-        let mean_diag = h.diagonal(0, 0, 1).mean(Kind::Float).double_value(&[]);
-        let eye = Tensor::eye(d, (Kind::Float, h.device()));
+        let mean_diag = h.diagonal(0, 0, 1).mean(Kind::Float);
         let mut pct = self.config.damp_percent;
         const ATTEMPTS: usize = 6;
         for attempt in 0..ATTEMPTS {
-            let hd = h + &eye * (pct * mean_diag);
+            let hd = h.copy();
+            let _ = hd.diagonal(0, 0, 1).g_add_(&(&mean_diag * pct));
             let (l, info) = hd.linalg_cholesky_ex(false, false);
             if info.int64_value(&[]) == 0 {
                 let hinv = l.cholesky_inverse(false);
@@ -125,12 +137,17 @@ impl Gptq {
         }
         let rows = ws[0];
         let g = cfg.group_for(cols as usize)? as i64;
-        let per_channel = g == cols;
+        let ng = (cols + g - 1) / g;
+        // Width of group `k` (the last one is ragged when `g` does not divide `cols`).
+        let width = |k: i64| g.min(cols - k * g);
+        let per_channel = g >= cols;
         let maxq = cfg.maxq();
         let dev = self.h.device();
         let _guard = tch::no_grad_guard();
         let mut w = weight.to_device(dev).to_kind(Kind::Float).copy();
         let mut h = self.h.copy();
+        // Per channel, the reference takes the row ranges before zeroing the dead columns.
+        let channel_params = per_channel.then(|| group_params(&w, cfg, None));
 
         let dead = h.diagonal(0, 0, 1).eq(0.0);
         let dead_columns = dead.sum(Kind::Int64).int64_value(&[]) as usize;
@@ -142,8 +159,8 @@ impl Gptq {
         // Static groups: parameters from the original (dead-zeroed) weight, in column order.
         let static_params: Option<Vec<(Tensor, Tensor)>> = (cfg.static_groups && !per_channel)
             .then(|| {
-                (0..cols / g)
-                    .map(|k| group_params(&w.narrow(1, k * g, g), cfg, None))
+                (0..ng)
+                    .map(|k| group_params(&w.narrow(1, k * g, width(k)), cfg, None))
                     .collect()
             });
 
@@ -166,13 +183,13 @@ impl Gptq {
         let host = |t: &Tensor| -> Vec<f32> {
             Vec::try_from(t.to_device(Device::Cpu).contiguous().view([-1])).expect("f32")
         };
-        let (mut cur_s, mut cur_z) = if per_channel {
-            let (s, z) = group_params(&w, cfg, None);
-            scales.push(s.shallow_clone());
-            zeros.push(z.shallow_clone());
-            (host(&s), host(&z))
-        } else {
-            (vec![0f32; ru], vec![0f32; ru])
+        let (mut cur_s, mut cur_z) = match &channel_params {
+            Some((s, z)) => {
+                scales.push(s.shallow_clone());
+                zeros.push(z.shallow_clone());
+                (host(s), host(z))
+            }
+            None => (vec![0f32; ru], vec![0f32; ru]),
         };
         let static_host: Option<Vec<(Vec<f32>, Vec<f32>)>> = static_params
             .as_ref()
@@ -197,16 +214,11 @@ impl Gptq {
                         cur_s.copy_from_slice(s);
                         cur_z.copy_from_slice(z);
                     } else if col as i64 % g == 0 {
-                        // The group's columns as they are now: the updated ones of this block, then
-                        // (when the group runs past the block) the ones after it.
-                        let inside = (g as usize).min(cn - i);
-                        let mut part = Tensor::from_slice(&w1)
-                            .view([rows, cnt])
-                            .narrow(1, i as i64, inside as i64)
-                            .to_device(dev);
-                        if inside < g as usize {
-                            part = Tensor::cat(&[&part, &w.narrow(1, i2, g - inside as i64)], 1);
-                        }
+                        // The reference's rule (`find_params(W[:, i1 + i : i1 + i + g])`): the
+                        // group's columns as they were when this block started, i.e. with the
+                        // updates of the earlier blocks but not those of the columns quantized
+                        // so far in this block (which only reach its working copy).
+                        let part = w.narrow(1, col as i64, g.min(cols - col as i64));
                         let (s, z) = group_params(&part, cfg, None);
                         cur_s = host(&s);
                         cur_z = host(&z);
@@ -308,13 +320,26 @@ impl Quantizer for GptqMethod {
             ..Needs::default()
         }
     }
-    fn quantize_block(&self, block: &mut dyn BlockAccess, _cfg: &QuantConfig) -> Result<()> {
-        each_linear(block, |_, w, stats| {
-            let (weight, rep) = stats.hessian()?.solve(w)?;
-            Ok(Compressed::Quantized {
-                weight,
-                gptq: Some(rep),
-            })
-        })
+    /// With `true_sequential` (the reference's `--true-sequential`), the inputs are quantized in
+    /// forward order, `[q, k, v]`, `[o]`, `[gate, up]`, `[down]`, each from a Hessian re-captured
+    /// with the earlier ones already quantized; otherwise every Hessian is the full-precision one.
+    fn quantize_block(&self, block: &mut dyn BlockAccess, cfg: &QuantConfig) -> Result<()> {
+        for i in 0..block.n_inputs() {
+            if i > 0 && cfg.true_sequential {
+                block.recapture(i)?;
+            }
+            for name in block.linears(i) {
+                let w = block.weight(name)?;
+                let (weight, rep) = block.stats(i).hessian()?.solve(&w)?;
+                block.set(
+                    name,
+                    Compressed::Quantized {
+                        weight,
+                        gptq: Some(rep),
+                    },
+                )?;
+            }
+        }
+        Ok(())
     }
 }

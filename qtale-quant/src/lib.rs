@@ -1,12 +1,15 @@
 //! Weight quantizers and packed formats, independent of any model.
 //!
-//! * [`config::QuantConfig`]: bits (2/3/4/8), group size, symmetric or asymmetric, act-order, static
-//!   groups, damping, block size; validated.
+//! * [`config::QuantConfig`]: bits (2/3/4/8), group size (a ragged last group when it does not
+//!   divide the input width), symmetric or asymmetric, act-order, static groups, damping, block size,
+//!   true-sequential order; validated.
 //! * [`weight::QuantizedWeight`]: the common artefact of every method (integer codes, group scales and
 //!   zero points, `g_idx`), with the reference dequantization `w = scale[g] * (q - zero[g])`.
-//! * [`rtn`]: round-to-nearest with min-max ranges (optionally an MSE-optimal clip grid, or given clip
-//!   ratios as AWQ's clip search produces).
-//! * [`gptq::Gptq`]: Hessian accumulation and the GPTQ column-by-column solver (tch linear algebra).
+//! * [`rtn`]: round-to-nearest with min-max ranges that always include 0, as the GPTQ reference's
+//!   quantizer (optionally an MSE-optimal clip grid, or given clip ratios as AWQ's clip search
+//!   produces).
+//! * [`gptq::Gptq`]: Hessian accumulation and the GPTQ column-by-column solver (tch linear algebra),
+//!   matching the reference implementation's codes on the same Hessian.
 //! * [`awq`]: AWQ's activation-aware scale search and clip search; the search results are artefacts
 //!   ([`awq::AwqScales`], [`awq::AwqClip`]) that a driver applies separately.
 //! * [`packed`]: HF GPTQ (`checkpoint_format` gptq / gptq_v2) and AutoAWQ "gemm" checkpoint layouts

@@ -105,6 +105,9 @@ pub trait BlockAccess {
     fn linears(&self, i: usize) -> Vec<&'static str>;
     /// The statistics of input `i`.
     fn stats(&mut self, i: usize) -> &mut InputStats;
+    /// Collect input `i`'s statistics again, running the calibration data through the block as it
+    /// is now (the linears compressed so far included): GPTQ's true-sequential order.
+    fn recapture(&mut self, i: usize) -> Result<()>;
     /// The current (dense, f32) weight `[out, in]` of a linear.
     fn weight(&self, linear: &str) -> Result<Tensor>;
     /// Replace a linear by its compressed form.

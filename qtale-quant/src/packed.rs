@@ -14,6 +14,10 @@
 //! * `prefix.g_idx`: i32 `[in]`, the group of each input column (optional when `desc_act` is false:
 //!   `i / group_size`, as transformers/optimum assume).
 //!
+//! `n_groups = ceil(in / group_size)`: a group size that does not divide `in` leaves a ragged last
+//! group (AutoGPTQ sizes `scales`/`qzeros` the same way). AutoAWQ's layout needs `in % group_size
+//! == 0`; a ragged group is refused there ([`QuantError::UnsupportedOption`] on `group_size`).
+//!
 //! AWQ (AutoAWQ `version: "gemm"`, 4-bit, `zero_point: true`):
 //! * `prefix.qweight`: i32 `[in, out / 8]`, eight output columns per word in the order
 //!   [`AWQ_ORDER`]: nibble `i` (bits `4i..4i+4`) of word `k` holds column `8k + AWQ_ORDER[i]`;
@@ -231,7 +235,8 @@ impl GptqPacked {
             .all(|(i, &g)| g as usize == i / self.group_size)
     }
 
-    /// The int4 CPU kernel's format, when this is 4-bit with in-order groups that are multiples of 32.
+    /// The int4 CPU kernel's format, when this is 4-bit with in-order groups that are multiples of 32
+    /// (a ragged last group included; [`Int4Matrix::new`] names the case it refuses).
     pub fn to_int4(&self) -> Option<Int4Matrix> {
         if self.bits != 4 || !self.has_trivial_g_idx() || !self.group_size.is_multiple_of(32) {
             return None;
@@ -271,6 +276,7 @@ impl GptqPacked {
             });
         }
         let (inf, out) = (self.in_features, self.out_features);
+        awq_group_divides(inf, self.group_size)?;
         // codes [out, in] -> [in, out], then eight output columns per word in AWQ order
         let codes = self.codes();
         let mut t = vec![0u8; inf * out];
@@ -293,9 +299,10 @@ impl GptqPacked {
     pub fn from_awq(a: &AwqTensors) -> Result<Self> {
         let (inf, out) = (a.in_features, a.out_features);
         let g = a.group_size;
-        if g == 0 || !inf.is_multiple_of(g) || !out.is_multiple_of(8) {
+        awq_group_divides(inf, g)?;
+        if !out.is_multiple_of(8) {
             return Err(QuantError::Shape(format!(
-                "AWQ linear [{out}, {inf}] with group {g}: needs out % 8 == 0 and in % group == 0"
+                "AWQ linear [{out}, {inf}] with group {g}: needs out % 8 == 0"
             )));
         }
         let ng = inf / g;
@@ -338,6 +345,19 @@ impl GptqPacked {
     pub fn bits_per_weight(&self) -> f64 {
         self.bytes() as f64 * 8.0 / (self.in_features * self.out_features) as f64
     }
+}
+
+/// AutoAWQ's `WQLinear_GEMM` requires `in_features % group_size == 0`: no ragged last group.
+fn awq_group_divides(in_features: usize, group: usize) -> Result<()> {
+    if group == 0 || !in_features.is_multiple_of(group) {
+        return Err(QuantError::UnsupportedOption {
+            method: "awq".into(),
+            field: "group_size".into(),
+            value: format!("{group} for in_features = {in_features} (a ragged last group)"),
+            supported: "a group size dividing in_features (AutoAWQ gemm layout)".into(),
+        });
+    }
+    Ok(())
 }
 
 /// One linear in the AutoAWQ "gemm" layout (see the module docs).
@@ -466,7 +486,7 @@ impl GptqQuantizationConfig {
             sym: cfg.sym,
             static_groups: cfg.static_groups,
             damp_percent: Some(cfg.damp_percent),
-            true_sequential: true,
+            true_sequential: cfg.true_sequential,
             checkpoint_format: Some("gptq".into()),
             lm_head: false,
         }
@@ -714,12 +734,11 @@ impl HfQuantizationConfig {
         self.check()?;
         let b = self.bits() as usize;
         let g = self.group_for(in_features);
-        if g == 0 || !in_features.is_multiple_of(g) {
-            return Err(QuantError::Shape(format!(
-                "{prefix}: group size {g} does not divide in_features = {in_features}"
-            )));
+        if g == 0 {
+            return Err(QuantError::Shape(format!("{prefix}: group size 0")));
         }
-        let ng = in_features / g;
+        // GPTQ: a ragged last group when g does not divide in_features (AWQ refuses it below).
+        let ng = in_features.div_ceil(g);
         let name = |s: &str| format!("{prefix}.{s}");
         match self {
             HfQuantizationConfig::Gptq(c) => {
@@ -777,6 +796,20 @@ impl HfQuantizationConfig {
                 })
             }
             HfQuantizationConfig::Awq(_) => {
+                awq_group_divides(in_features, g).map_err(|e| match e {
+                    QuantError::UnsupportedOption {
+                        method,
+                        field,
+                        value,
+                        supported,
+                    } => QuantError::UnsupportedOption {
+                        method,
+                        field,
+                        value: format!("{value} in {prefix}"),
+                        supported,
+                    },
+                    other => other,
+                })?;
                 if !out_features.is_multiple_of(8) {
                     return Err(QuantError::Shape(format!(
                         "{prefix}: AWQ needs out_features % 8 == 0, got {out_features}"

@@ -1,4 +1,5 @@
-//! Round-to-nearest: min-max ranges per group, optional clip ratios.
+//! Round-to-nearest: min-max ranges (always including 0) per group, optional clip ratios. A group
+//! size that does not divide the input width leaves a ragged last group.
 use tch::{Kind, Tensor};
 
 use crate::config::QuantConfig;
@@ -7,33 +8,59 @@ use crate::method::{each_linear, no_options, BlockAccess, Calibration, Compresse
 use crate::weight::QuantizedWeight;
 
 /// Scale and zero point of each row of `w: [..., g]` (over its last dimension), shapes `[..., 1]`.
-/// `clip: [..., 1]` shrinks the range (`min * c`, `max * c`). Asymmetric: `scale = (max - min) / maxq`,
-/// `zero = clamp(round(-min / scale), 0, maxq)`; symmetric: `scale = 2 max|w| / maxq`,
-/// `zero = (maxq + 1) / 2`. A degenerate range (all equal) is widened to include 0; all zero to [-1, 1].
+/// `clip: [..., 1]` shrinks the range (`min * c`, `max * c`).
+///
+/// The range always includes 0, as in the GPTQ reference's quantizer (IST-DASLab/gptq `quant.py`,
+/// `find_params`: `xmin = min(min, 0)`, `xmax = max(max, 0)`). Asymmetric: `scale = (xmax - xmin) /
+/// maxq`, `zero = round(-xmin / scale)`, which then lies in `0..=maxq` by construction, so the integer
+/// zero point the packed formats store is never clamped. Without that rule a one-sided group (every
+/// weight in `[0.5, 0.6]`) got `zero = round(-0.5 / scale) < 0`, clamped to 0, and every weight
+/// collapsed onto the top code (`maxq * scale = 0.1`, error 0.5). Widening to 0 costs such a group
+/// resolution (step `max / maxq` instead of `(max - min) / maxq`), but a zero point outside the code
+/// range is not representable in the GPTQ/AWQ layouts, and the rule matches the reference exactly
+/// on every mixed-sign group. It also makes zero-padding a ragged group exact (see [`pad_groups`]).
+/// All-zero groups use `[-1, 1]` (the reference's rule).
+///
+/// Symmetric: `scale = 2 max|w| / maxq`, `zero = (maxq + 1) / 2`: the reference's grid for every
+/// group with a negative weight; on an all-positive group the reference keeps `xmin = 0` and halves
+/// the scale (clipping the weights above `7/15` of the maximum at 4 bits), which is not followed here.
 pub fn group_params(w: &Tensor, cfg: &QuantConfig, clip: Option<&Tensor>) -> (Tensor, Tensor) {
     let maxq = cfg.maxq();
-    let mut xmin = w.amin(-1, true);
-    let mut xmax = w.amax(-1, true);
+    let mut xmin = w.amin(-1, true).clamp_max(0.0);
+    let mut xmax = w.amax(-1, true).clamp_min(0.0);
     if let Some(c) = clip {
         xmin *= c;
         xmax *= c;
     }
     if cfg.sym {
-        let a = xmin.abs().maximum(&xmax.abs());
+        let a = xmin.abs().maximum(&xmax);
         let a = a.where_scalarother(&a.gt(0.0), 1.0);
         let scale = a * (2.0 / maxq);
         let zero = scale.full_like(((maxq + 1.0) / 2.0).floor());
         return (scale, zero);
     }
-    let deg = (&xmax - &xmin).le(1e-12);
-    let xmin2 = xmin.where_self(&deg.logical_not(), &xmin.clamp_max(0.0));
-    let xmax2 = xmax.where_self(&deg.logical_not(), &xmax.clamp_min(0.0));
-    let zero_range = (&xmax2 - &xmin2).le(1e-12);
-    let xmin3 = xmin2.where_scalarother(&zero_range.logical_not(), -1.0);
-    let xmax3 = xmax2.where_scalarother(&zero_range.logical_not(), 1.0);
-    let scale = (&xmax3 - &xmin3) / maxq;
-    let zero = (-xmin3 / &scale).round().clamp(0.0, maxq);
+    let nonzero = (&xmax - &xmin).gt(0.0);
+    let xmin = xmin.where_scalarother(&nonzero, -1.0);
+    let xmax = xmax.where_scalarother(&nonzero, 1.0);
+    let scale = (&xmax - &xmin) / maxq;
+    let zero = (-xmin / &scale).round().clamp(0.0, maxq);
     (scale, zero)
+}
+
+/// `w: [out, in]` as `[out, n_groups, g]` groups, the ragged last group (`in % g` columns, or all of
+/// them when `g > in`) padded with zeros. The padding is exact for [`group_params`] (the range
+/// includes 0 anyway), for [`fake`] (0 maps to the zero point and back to exactly 0) and for the
+/// error sums of the clip searches (padded columns add 0). Returns the groups and `n_groups`.
+pub fn pad_groups(w: &Tensor, g: i64) -> (Tensor, i64) {
+    let (o, i) = (w.size()[0], w.size()[1]);
+    let ng = (i + g - 1) / g;
+    let w = w.to_kind(Kind::Float);
+    let padded = if ng * g == i {
+        w
+    } else {
+        w.constant_pad_nd([0, ng * g - i])
+    };
+    (padded.reshape([o, ng, g]), ng)
 }
 
 /// Integer codes (as f32) of `w` for broadcastable `scale`, `zero`.
@@ -50,10 +77,12 @@ pub fn fake(w: &Tensor, scale: &Tensor, zero: &Tensor, maxq: f64) -> Tensor {
 pub fn fake_quantize(w: &Tensor, cfg: &QuantConfig, clip: Option<&Tensor>) -> Result<Tensor> {
     let (o, i) = dims(w)?;
     let g = cfg.group_for(i as usize)? as i64;
-    let wg = w.to_kind(Kind::Float).reshape([o, i / g, g]);
-    let c = clip.map(|c| c.reshape([o, i / g, 1]));
+    let (wg, ng) = pad_groups(w, g);
+    let c = clip.map(|c| c.reshape([o, ng, 1]));
     let (s, z) = group_params(&wg, cfg, c.as_ref());
-    Ok(fake(&wg, &s, &z, cfg.maxq()).reshape([o, i]))
+    Ok(fake(&wg, &s, &z, cfg.maxq())
+        .reshape([o, ng * g])
+        .narrow(1, 0, i))
 }
 
 fn dims(w: &Tensor) -> Result<(i64, i64)> {
@@ -74,11 +103,11 @@ pub fn mse_clip_grid() -> Vec<f64> {
 pub fn mse_clip(w: &Tensor, cfg: &QuantConfig) -> Result<Tensor> {
     let (o, i) = dims(w)?;
     let g = cfg.group_for(i as usize)? as i64;
-    let wg = w.to_kind(Kind::Float).reshape([o, i / g, g]);
+    let (wg, ng) = pad_groups(w, g);
     let mut best_err: Option<Tensor> = None;
-    let mut best = Tensor::ones([o, i / g, 1], (Kind::Float, w.device()));
+    let mut best = Tensor::ones([o, ng, 1], (Kind::Float, w.device()));
     for p in mse_clip_grid() {
-        let c = Tensor::full([o, i / g, 1], p, (Kind::Float, w.device()));
+        let c = Tensor::full([o, ng, 1], p, (Kind::Float, w.device()));
         let (s, z) = group_params(&wg, cfg, Some(&c));
         let err = (fake(&wg, &s, &z, cfg.maxq()) - &wg)
             .abs()
@@ -93,7 +122,7 @@ pub fn mse_clip(w: &Tensor, cfg: &QuantConfig) -> Result<Tensor> {
             }
         }
     }
-    Ok(best.reshape([o, i / g]))
+    Ok(best.reshape([o, ng]))
 }
 
 /// RTN of `w: [out, in]` with optional per-group clip ratios `[out, n_groups]` (AWQ's clip artefact);
@@ -106,14 +135,14 @@ pub fn quantize_rtn(
     cfg.validate()?;
     let (o, i) = dims(w)?;
     let g = cfg.group_for(i as usize)? as i64;
+    let ng = cfg.n_groups(i as usize)? as i64;
     let searched;
     let clip = match clip {
         Some(c) => {
-            if c.size() != [o, i / g] {
+            if c.size() != [o, ng] {
                 return Err(QuantError::Shape(format!(
-                    "clip ratios {:?}, expected [{o}, {}]",
+                    "clip ratios {:?}, expected [{o}, {ng}]",
                     c.size(),
-                    i / g
                 )));
             }
             Some(c)
@@ -124,17 +153,21 @@ pub fn quantize_rtn(
         }
         None => None,
     };
-    let wg = w.to_kind(Kind::Float).reshape([o, i / g, g]);
-    let c = clip.map(|c| c.reshape([o, i / g, 1]));
+    let (wg, _) = pad_groups(w, g);
+    let c = clip.map(|c| c.reshape([o, ng, 1]));
     let (s, z) = group_params(&wg, cfg, c.as_ref());
     let q = codes(&wg, &s, &z, cfg.maxq());
     Ok(QuantizedWeight {
         bits: cfg.bits,
         group_size: g as usize,
         sym: cfg.sym,
-        codes: q.reshape([o, i]).to_kind(Kind::Uint8),
-        scales: s.reshape([o, i / g]),
-        zeros: z.reshape([o, i / g]),
+        codes: q
+            .reshape([o, ng * g])
+            .narrow(1, 0, i)
+            .contiguous()
+            .to_kind(Kind::Uint8),
+        scales: s.reshape([o, ng]),
+        zeros: z.reshape([o, ng]),
         g_idx: Tensor::arange(i, (Kind::Int64, w.device())).divide_scalar_mode(g, "floor"),
     })
 }

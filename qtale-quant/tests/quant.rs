@@ -65,15 +65,16 @@ fn rtn_dequantized_values_equal_the_formula() {
         for r in 0..16 {
             for gi in 0..256 / group {
                 let grp = &wv[r * 256 + gi * group..r * 256 + (gi + 1) * group];
+                // the reference's range: always including 0
                 let (mn, mx) = grp
                     .iter()
-                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                    .fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
                 let (scale, zero) = if sym {
                     let a = mn.abs().max(mx.abs());
                     (a * (2.0 / maxq), ((maxq + 1.0) / 2.0).floor())
                 } else {
                     let s = (mx - mn) / maxq;
-                    (s, (-mn / s).round().clamp(0.0, maxq))
+                    (s, (-mn / s).round())
                 };
                 for j in 0..group {
                     let i = r * 256 + gi * group + j;
@@ -534,6 +535,291 @@ fn awq_layout_round_trips_and_rejects_malformed_checkpoints() {
                 matches!(&r, Err(QuantError::UnsupportedOption { field, .. }) if field == f),
                 "{f}: {r:?}"
             ),
+        }
+    }
+}
+
+/// One group of 64 weights per row: all positive in [0.5, 0.6], all negative in [-0.6, -0.5], mixed
+/// in [-0.3, 0.5], and positive with a wide spread in [0.01, 2.0].
+fn one_sided_rows() -> Tensor {
+    let lin = |a: f64, b: f64| Tensor::linspace(a, b, 64, (Kind::Float, tch::Device::Cpu));
+    // a fixed shuffle so that the groups are not sorted
+    let perm = Tensor::from_slice(&(0..64).map(|i| (i * 37) % 64).collect::<Vec<i64>>());
+    Tensor::stack(
+        &[
+            lin(0.5, 0.6),
+            lin(-0.6, -0.5),
+            lin(-0.3, 0.5),
+            lin(0.01, 2.0),
+        ],
+        0,
+    )
+    .index_select(1, &perm)
+}
+
+/// Max |w - Q(w)| of each row.
+fn row_max_err(w: &Tensor, q: &Tensor) -> Vec<f64> {
+    let e = (w - q).abs().amax(1, false);
+    Vec::<f32>::try_from(e)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+/// The reference's quantizer (IST-DASLab/gptq `quant.py`) includes 0 in every group's range, so a
+/// one-sided group keeps a usable grid: at 4 bits the step of [0.5, 0.6] is 0.6 / 15 = 0.04 and the
+/// error at most half a step, 0.02. Min-max without 0 put its zero point at round(-0.5 / step) < 0,
+/// clamped to 0, and every weight dequantized to 15 * step = 0.1 (error 0.5).
+#[test]
+fn one_sided_groups_keep_a_grid_for_rtn_and_gptq() {
+    tch::set_num_threads(1);
+    let w = one_sided_rows();
+    // half a step of the reference's grid: (max(max, 0) - min(min, 0)) / 15 / 2
+    let half_step = [0.6 / 30.0, 0.6 / 30.0, 0.8 / 30.0, 2.0 / 30.0];
+    let c = cfg(4, 64);
+    let rtn = quantize_rtn(&w, &c, None).unwrap();
+    rtn.validate().unwrap();
+    let e_rtn = row_max_err(&w, &rtn.dequantize());
+    // GPTQ with a diagonal Hessian (orthogonal inputs: nothing to compensate) is RTN exactly
+    let eye = Tensor::eye(64, (Kind::Float, tch::Device::Cpu));
+    let mut g = Gptq::new(64, c.clone(), tch::Device::Cpu).unwrap();
+    g.add_batch(&(eye * 3.0)).unwrap();
+    let gq = g.solve(&w).unwrap().0;
+    assert!(
+        gq.codes.equal(&rtn.codes),
+        "GPTQ with H = cI must equal RTN"
+    );
+    // GPTQ with correlated inputs: the compensation moves weights by more than half a step, but the
+    // grid still spans the group (a collapse onto one code errs by 0.5 on the one-sided rows)
+    seed(11);
+    let x = correlated_inputs(1024, &mixing(64));
+    let mut g = Gptq::new(64, c.clone(), tch::Device::Cpu).unwrap();
+    g.add_batch(&x).unwrap();
+    let gc = g.solve(&w).unwrap().0;
+    let e_gptq = row_max_err(&w, &gc.dequantize());
+    for (r, what) in ["[0.5, 0.6]", "[-0.6, -0.5]", "mixed", "[0.01, 2]"]
+        .iter()
+        .enumerate()
+    {
+        eprintln!(
+            "{what}: RTN max err {:.4}, GPTQ {:.4} (half step {:.4})",
+            e_rtn[r], e_gptq[r], half_step[r]
+        );
+        assert!(
+            e_rtn[r] <= half_step[r] * 1.0001,
+            "RTN {what}: max error {} > half a step {}",
+            e_rtn[r],
+            half_step[r]
+        );
+        assert!(
+            e_gptq[r] <= 8.0 * half_step[r],
+            "GPTQ {what}: max error {} (half a step {})",
+            e_gptq[r],
+            half_step[r]
+        );
+    }
+    // the zero points follow the reference's rule (and sit at the ends for one-sided groups)
+    let z: Vec<f32> = Vec::try_from(rtn.zeros.view([-1])).unwrap();
+    assert_eq!(z, [0.0, 15.0, 6.0, 0.0]);
+    // symmetric: an all-positive group keeps its full range too (the reference halves it there)
+    let sym = QuantConfig {
+        sym: true,
+        ..cfg(4, 64)
+    };
+    let e_sym = row_max_err(&w, &fake_quantize(&w, &sym, None).unwrap());
+    for (r, &mx) in [0.6, 0.6, 0.5, 2.0].iter().enumerate() {
+        // step 2 max|w| / 15; the top code is 7 steps above the zero point: max|w| * 14/15
+        let step: f64 = 2.0 * mx / 15.0;
+        assert!(
+            e_sym[r] <= step * 1.0001,
+            "sym row {r}: {} > {step}",
+            e_sym[r]
+        );
+    }
+}
+
+/// 576 inputs at group 128 (SmolLM2's width): four groups of 128 and a ragged fifth of 64, each
+/// quantized as if on its own, as the reference does (`find_params(W[:, i:i + 128])`).
+#[test]
+fn ragged_last_group_rtn_equals_the_groups_quantized_alone() {
+    seed(12);
+    let w = Tensor::randn([24, 576], (Kind::Float, tch::Device::Cpu));
+    for mse_clip in [false, true] {
+        let c = QuantConfig {
+            mse_clip,
+            ..cfg(3, 128)
+        };
+        let q = quantize_rtn(&w, &c, None).unwrap();
+        q.validate().unwrap();
+        assert_eq!((q.n_groups(), q.group_size), (5, 128));
+        assert!(q.has_trivial_g_idx());
+        assert_eq!(q.g_idx.int64_value(&[575]), 4);
+        let head = quantize_rtn(&w.narrow(1, 0, 512), &c, None).unwrap();
+        let tail = quantize_rtn(
+            &w.narrow(1, 512, 64),
+            &QuantConfig {
+                mse_clip,
+                ..cfg(3, 64)
+            },
+            None,
+        )
+        .unwrap();
+        assert!(q.codes.narrow(1, 0, 512).equal(&head.codes));
+        assert!(
+            q.codes.narrow(1, 512, 64).equal(&tail.codes),
+            "mse {mse_clip}"
+        );
+        assert!(
+            q.scales.narrow(1, 4, 1).equal(&tail.scales),
+            "mse {mse_clip}"
+        );
+        assert!(q.zeros.narrow(1, 0, 4).equal(&head.zeros));
+        // the dequantized weight and the fake quantization agree
+        let fq = fake_quantize(&w, &c, None).unwrap();
+        if !mse_clip {
+            assert!(fq.allclose(&q.dequantize(), 1e-6, 1e-6, false));
+        }
+    }
+    // a group wider than the weight: one group, the whole row
+    let whole = quantize_rtn(&w.narrow(1, 0, 96), &cfg(4, 128), None).unwrap();
+    let per_row = quantize_rtn(&w.narrow(1, 0, 96), &cfg(4, 0), None).unwrap();
+    assert!(whole.codes.equal(&per_row.codes) && whole.scales.equal(&per_row.scales));
+    // clip ratios are per (row, ceil(in / group)) group
+    let clip = Tensor::full([24, 5], 0.9, (Kind::Float, tch::Device::Cpu));
+    assert!(quantize_rtn(&w, &cfg(4, 128), Some(&clip)).is_ok());
+    assert!(matches!(
+        quantize_rtn(&w, &cfg(4, 128), Some(&clip.narrow(1, 0, 4))),
+        Err(QuantError::Shape(_))
+    ));
+}
+
+/// GPTQ with a ragged last group, plain, act-order and static groups: the groups the solver used
+/// are recorded consistently (`g_idx`, scales), the static groups' parameters are those of the
+/// original weight's column ranges, and GPTQ still beats RTN.
+#[test]
+fn ragged_last_group_gptq_plain_act_order_and_static() {
+    seed(13);
+    tch::set_num_threads(1);
+    let (out, d) = (48i64, 576i64);
+    let w = Tensor::randn([out, d], (Kind::Float, tch::Device::Cpu));
+    let mix = mixing(d);
+    let x = correlated_inputs(2048, &mix);
+    let held = correlated_inputs(512, &mix);
+    let e_rtn = out_err(&w, &fake_quantize(&w, &cfg(4, 128), None).unwrap(), &held);
+    for (act_order, static_groups) in [(false, false), (true, false), (true, true)] {
+        let what = format!("act_order {act_order} static {static_groups}");
+        let c = QuantConfig {
+            act_order,
+            static_groups,
+            ..cfg(4, 128)
+        };
+        let mut g = Gptq::new(d as usize, c, tch::Device::Cpu).unwrap();
+        g.add_batch(&x).unwrap();
+        let q = g.solve(&w).unwrap().0;
+        q.validate().unwrap();
+        assert_eq!(q.n_groups(), 5, "{what}");
+        // group sizes as g_idx records them: four of 128 and one of 64
+        let mut sizes = vec![0usize; 5];
+        for gi in Vec::<i64>::try_from(&q.g_idx).unwrap() {
+            sizes[gi as usize] += 1;
+        }
+        sizes.sort();
+        assert_eq!(sizes, [64, 128, 128, 128, 128], "{what}");
+        assert_eq!(q.has_trivial_g_idx(), !act_order || static_groups, "{what}");
+        if static_groups {
+            // parameters of the original weight's column ranges, ragged tail included
+            let tail = quantize_rtn(&w.narrow(1, 512, 64), &cfg(4, 64), None).unwrap();
+            assert!(q.scales.narrow(1, 4, 1).equal(&tail.scales), "{what}");
+            assert!(q.zeros.narrow(1, 4, 1).equal(&tail.zeros), "{what}");
+        }
+        let e = out_err(&w, &q.dequantize(), &held);
+        eprintln!("ragged g128 {what}: GPTQ {e:.4} vs RTN {e_rtn:.4}");
+        assert!(e < 0.7 * e_rtn, "{what}: GPTQ {e} vs RTN {e_rtn}");
+    }
+}
+
+/// The packed GPTQ layout with a ragged last group: `scales`/`qzeros` have ceil(in / group) rows,
+/// the file round trip is exact, the int4 kernel takes it (64 = two blocks), and AutoAWQ's layout,
+/// which requires in % group == 0, refuses it by name.
+#[test]
+fn ragged_last_group_packs_saves_loads_and_runs_in_the_int4_kernel() {
+    seed(14);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, d) = (64i64, 576i64);
+    let w = Tensor::randn([out, d], (Kind::Float, tch::Device::Cpu));
+    for (bits, act_order) in [(4u32, false), (4, true), (3, false)] {
+        let c = QuantConfig {
+            act_order,
+            ..cfg(bits, 128)
+        };
+        let mut g = Gptq::new(d as usize, c.clone(), tch::Device::Cpu).unwrap();
+        g.add_batch(&correlated_inputs(1024, &mixing(d))).unwrap();
+        let q = g.solve(&w).unwrap().0;
+        let p = GptqPacked::from_quantized(&q).unwrap();
+        assert_eq!((p.n_groups(), p.scales.len()), (5, 5 * out as usize));
+        assert!(p.to_quantized().codes.equal(&q.codes));
+        let st = dir.path().join(format!("r{bits}{act_order}.safetensors"));
+        save_safetensors(&st, PackedLayout::Gptq, &[("l".into(), &p)], &[]).unwrap();
+        let ck = Checkpoint::open(&st).unwrap();
+        assert_eq!(ck.tensor("l.scales").unwrap().unwrap().size(), [5, out]);
+        assert_eq!(
+            ck.tensor("l.qzeros").unwrap().unwrap().size(),
+            [5, out * bits as i64 / 32]
+        );
+        let qc = GptqQuantizationConfig::from_quant_config(&c).into();
+        let back = ck.packed("l", d as usize, out as usize, &qc).unwrap();
+        assert_eq!(back, p);
+        // transformers/optimum without g_idx: i / group_size, ragged tail included
+        if !act_order {
+            let stored = StoredLinear {
+                qweight: ck.tensor("l.qweight").unwrap(),
+                qzeros: ck.tensor("l.qzeros").unwrap(),
+                scales: ck.tensor("l.scales").unwrap(),
+                g_idx: None,
+            };
+            let qc2: HfQuantizationConfig = GptqQuantizationConfig::from_quant_config(&c).into();
+            assert_eq!(
+                qc2.unpack("l", d as usize, out as usize, stored).unwrap(),
+                p
+            );
+        }
+        match (bits, act_order) {
+            (4, false) => {
+                let k = p.to_int4().expect("int4 kernel takes a ragged group of 64");
+                let kd = Tensor::from_slice(&k.dequantize()).view([out, d]);
+                assert!(kd.equal(&p.dequantize()));
+                let x: Vec<f32> = (0..2 * d)
+                    .map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0)
+                    .collect();
+                let mut y = vec![0f32; 2 * out as usize];
+                k.gemm(&x, 2, &mut y).unwrap();
+                let want = Tensor::from_slice(&x)
+                    .view([2, d])
+                    .matmul(&p.dequantize().transpose(0, 1));
+                let got = Tensor::from_slice(&y).view([2, out]);
+                let nmse = (&got - &want).square().sum(Kind::Float).double_value(&[])
+                    / want.square().sum(Kind::Float).double_value(&[]);
+                assert!(nmse < 1e-3, "int4 kernel on a ragged group: NMSE {nmse}");
+                let e = p.to_awq().unwrap_err();
+                assert!(
+                    matches!(&e, QuantError::UnsupportedOption { field, .. } if field == "group_size"),
+                    "{e}"
+                );
+                assert!(
+                    save_safetensors(&st, PackedLayout::Awq, &[("l".into(), &p)], &[]).is_err()
+                );
+                let awq: HfQuantizationConfig =
+                    AwqQuantizationConfig::from_quant_config(&c).unwrap().into();
+                let e = awq
+                    .unpack("l", d as usize, out as usize, StoredLinear::default())
+                    .unwrap_err();
+                assert!(
+                    matches!(&e, QuantError::UnsupportedOption { field, value, .. } if field == "group_size" && value.contains("l")),
+                    "{e}"
+                );
+            }
+            _ => assert!(p.to_int4().is_none()),
         }
     }
 }

@@ -34,6 +34,14 @@ struct Args {
     /// GPTQ act-order.
     #[arg(long)]
     act_order: bool,
+    /// GPTQ static groups (group parameters from the original weight; with act-order).
+    #[arg(long)]
+    static_groups: bool,
+    /// GPTQ: take every Hessian of a block from its full-precision inputs instead of quantizing
+    /// [q,k,v], [o], [gate,up], [down] in turn on re-captured inputs (the reference's default order
+    /// without `--true-sequential`).
+    #[arg(long)]
+    no_true_sequential: bool,
     /// Calibration: N x L tokens.
     #[arg(long, default_value = "128x512")]
     calib: String,
@@ -57,6 +65,13 @@ struct Args {
     /// Per-layer reports.
     #[arg(long)]
     verbose: bool,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    threads: Option<i32>,
+    /// Also write the calibration and held-out token windows as JSON
+    /// (`{"calibration": [[ids]], "heldout": [[ids]]}`) to this file, to run another tool on them.
+    #[arg(long)]
+    dump_windows: Option<std::path::PathBuf>,
 }
 
 fn parse_nxl(s: &str) -> Result<(usize, usize)> {
@@ -73,6 +88,9 @@ fn perplexity(model: &qtale_model::Llama, windows: &[Vec<i64>]) -> Result<f64> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
     let (cn, cl) = parse_nxl(&args.calib)?;
     let (en, el) = parse_nxl(&args.eval)?;
     let methods = args
@@ -94,6 +112,12 @@ fn main() -> Result<()> {
         !calib.is_empty() && !held.is_empty(),
         "not enough text for the windows"
     );
+    if let Some(p) = &args.dump_windows {
+        let v = serde_json::json!({ "calibration": calib, "heldout": held });
+        std::fs::write(p, v.to_string())
+            .with_context(|| format!("--dump-windows {}", p.display()))?;
+        println!("wrote the token windows to {}", p.display());
+    }
     println!(
         "model {}: calibration {} x {} tokens (CoQA + SQuAD passages), held-out {} x {} tokens (LAMBADA)",
         lm.source,
@@ -133,6 +157,8 @@ fn main() -> Result<()> {
             let config = QuantConfig {
                 sym: args.sym,
                 act_order: args.act_order,
+                static_groups: args.static_groups,
+                true_sequential: !args.no_true_sequential,
                 ..QuantConfig::new(bits, args.group)?
             };
             let opts = PtqOptions {
