@@ -36,7 +36,7 @@ pub const MAX_TILE: usize = 8;
 pub enum Backend {
     /// f32 reference.
     Scalar,
-    /// AVX2 + FMA, int8 activations.
+    /// AVX2 + FMA (+ F16C, which every AVX2 processor has), int8 activations in the int4 kernel.
     Avx2,
 }
 
@@ -47,6 +47,7 @@ impl Backend {
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 return Backend::Avx2;
             }
@@ -277,6 +278,62 @@ impl Int4Matrix {
         Ok(())
     }
 
+    /// Rows `r0..r1` of `y = x W^T` for `m` tokens on the calling thread, into
+    /// `out[t * (r1 - r0) + (r - r0)]`: the building block for callers that split the rows over their
+    /// own threads (the native decoder's pool). `acts` must be `x` quantized for this matrix
+    /// ([`QuantActs::quantize_into`] with its `cols` and `group`); the scalar backend reads `x` only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rows_into(
+        &self,
+        x: &[f32],
+        acts: &QuantActs,
+        m: usize,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+        backend: Backend,
+    ) -> Result<()> {
+        let ng = self.cols / self.group;
+        if r0 > r1 || r1 > self.rows || out.len() != m * (r1 - r0) {
+            return Err(KernelError::Shape(format!(
+                "int4 rows {r0}..{r1} of {} for {m} tokens into {} outputs",
+                self.rows,
+                out.len()
+            )));
+        }
+        if x.len() != m * self.cols {
+            return Err(KernelError::Shape(format!(
+                "int4 rows: x has {} values, expected [{m}, {}]",
+                x.len(),
+                self.cols
+            )));
+        }
+        if !backend.is_available() {
+            return Err(KernelError::Shape(format!(
+                "backend {backend:?} is not supported by this CPU"
+            )));
+        }
+        match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => {
+                if acts.q.len() != m * self.cols
+                    || acts.d.len() != m * ng
+                    || acts.paired != self.group.is_multiple_of(2 * BLOCK)
+                {
+                    return Err(KernelError::Shape(format!(
+                        "int4 rows: activations quantized for another shape ({} values, {} groups)",
+                        acts.q.len(),
+                        acts.d.len()
+                    )));
+                }
+                // SAFETY: AVX2 checked above, shapes checked above.
+                unsafe { avx2::rows(self, acts, m, r0, r1, out) }
+            }
+            _ => self.rows_scalar(x, m, r0, r1, out),
+        }
+        Ok(())
+    }
+
     /// Output-row ranges for one product: about four per thread (so that work stealing evens out a
     /// core that another process slows down), none below about 256K multiply-adds (a task costs a few
     /// microseconds), each a multiple of 8 rows except the last.
@@ -350,11 +407,27 @@ pub struct QuantActs {
 
 impl QuantActs {
     pub fn new(x: &[f32], m: usize, cols: usize, group: usize) -> Self {
+        let mut a = QuantActs {
+            q: Vec::new(),
+            d: Vec::new(),
+            sum: Vec::new(),
+            paired: false,
+        };
+        a.quantize_into(x, m, cols, group);
+        a
+    }
+
+    /// Quantize `x: [m, cols]` for weights of group size `group` into these buffers: the same values
+    /// as [`QuantActs::new`], without allocating when the buffers already have the size (the decode
+    /// loop reuses one per activation vector).
+    pub fn quantize_into(&mut self, x: &[f32], m: usize, cols: usize, group: usize) {
         let ng = cols / group;
-        let paired = group.is_multiple_of(2 * BLOCK);
-        let mut q = vec![0i8; m * cols];
-        let mut d = vec![0f32; m * ng];
-        let mut sum = vec![0f32; m * ng];
+        self.paired = group.is_multiple_of(2 * BLOCK);
+        let paired = self.paired;
+        self.q.resize(m * cols, 0);
+        self.d.resize(m * ng, 0.0);
+        self.sum.resize(m * ng, 0.0);
+        let (q, d, sum) = (&mut self.q, &mut self.d, &mut self.sum);
         for (i, (xs, qs)) in x
             .chunks_exact(group)
             .zip(q.chunks_exact_mut(group))
@@ -362,6 +435,7 @@ impl QuantActs {
         {
             let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
             sum[i] = xs.iter().sum();
+            d[i] = 0.0;
             if amax > 0.0 && amax.is_finite() {
                 let scale = amax / 127.0;
                 let inv = 1.0 / scale;
@@ -384,9 +458,10 @@ impl QuantActs {
                     }
                 }
                 d[i] = scale;
+            } else {
+                qs.fill(0);
             }
         }
-        QuantActs { q, d, sum, paired }
     }
 }
 
@@ -571,7 +646,31 @@ mod avx2 {
         assert!(r1 <= w.rows && out.len() == len * m);
         assert!(a.q.len() == m * w.cols && a.d.len() == m * ng);
         assert!(a.paired == w.group.is_multiple_of(2 * BLOCK));
-        let mut f = vec![0f32; MAX_TILE * ng];
+        SCRATCH.with(|cell| {
+            let mut f = cell.borrow_mut();
+            if f.len() < MAX_TILE * ng {
+                f.resize(MAX_TILE * ng, 0.0);
+            }
+            rows_with(w, a, m, r0, r1, out, &mut f[..MAX_TILE * ng]);
+        });
+    }
+
+    thread_local! {
+        /// Per-thread scratch for the group factors (kept between calls: no allocation per product).
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_with(
+        w: &Int4Matrix,
+        a: &QuantActs,
+        m: usize,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+        f: &mut [f32],
+    ) {
+        let len = r1 - r0;
         let pairs = if a.paired { w.group / (2 * BLOCK) } else { 0 };
         let mut t0 = 0;
         while t0 < m {
@@ -580,10 +679,10 @@ mod avx2 {
             macro_rules! run {
                 ($($n:literal)*) => {
                     match (nt, a.paired, pairs) {
-                        $(($n, true, 1) => tile::<$n, true, 1>(w, a, t0, r0, r1, o, &mut f),
-                          ($n, true, 2) => tile::<$n, true, 2>(w, a, t0, r0, r1, o, &mut f),
-                          ($n, true, _) => tile::<$n, true, 0>(w, a, t0, r0, r1, o, &mut f),
-                          ($n, false, _) => tile::<$n, false, 0>(w, a, t0, r0, r1, o, &mut f),)*
+                        $(($n, true, 1) => tile::<$n, true, 1>(w, a, t0, r0, r1, o, f),
+                          ($n, true, 2) => tile::<$n, true, 2>(w, a, t0, r0, r1, o, f),
+                          ($n, true, _) => tile::<$n, true, 0>(w, a, t0, r0, r1, o, f),
+                          ($n, false, _) => tile::<$n, false, 0>(w, a, t0, r0, r1, o, f),)*
                         _ => unreachable!("tiles hold 1..=MAX_TILE tokens"),
                     }
                 };

@@ -8,6 +8,8 @@
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate, or built from GGUF metadata.
 //! * [`model`]: embedding, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, LM head, KV cache; the
 //!   decoder layer runs on any subset of tokens with given positions (the router crate relies on it).
+//! * [`native`]: a native CPU batch-1 decoder over the same weights (no libtorch in the decode step),
+//!   built from a loaded [`Llama`]; prefill can stay in tch and hand over its KV cache.
 //! * [`convert`]: GGUF -> HF directory (safetensors + config.json + tokenizer.json).
 pub mod config;
 pub mod convert;
@@ -17,6 +19,7 @@ pub mod error;
 pub mod gguf;
 pub mod load;
 pub mod model;
+pub mod native;
 pub mod quantize;
 pub mod tokenizer;
 pub mod weights;

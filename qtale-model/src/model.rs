@@ -24,6 +24,12 @@ pub trait Linear: std::fmt::Debug + Send {
     fn bias(&self) -> Option<Tensor> {
         None
     }
+    /// The weight in the int4 CPU kernel's format, for layers that hold one (packed 4-bit with in-order
+    /// groups): the native decoder ([`crate::native`]) runs those through the kernel instead of
+    /// `weight()`.
+    fn int4(&self) -> Option<&qtale_quant::kernels::int4::Int4Matrix> {
+        None
+    }
 }
 
 /// Plain dense linear layer.

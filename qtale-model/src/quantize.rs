@@ -211,6 +211,9 @@ impl Linear for QuantLinear {
     fn bias(&self) -> Option<Tensor> {
         self.bias.as_ref().map(Tensor::shallow_clone)
     }
+    fn int4(&self) -> Option<&Int4Matrix> {
+        self.kernel.as_ref()
+    }
 }
 
 /// What the calibration capture records about one linear's input.
