@@ -155,19 +155,67 @@ pub fn argmax(x: &[f32]) -> Option<usize> {
     best.map(|(i, _)| i)
 }
 
+/// An element type of a K/V cache: f32, or f16 (half the bytes to stream per step; what llama.cpp
+/// stores by default), converted to f32 on load.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    /// Eight values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// AVX2 + F16C available, `p` valid for eight reads.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
 /// Where one head's keys and values sit in a cache: key `j` is `keys[j * stride + offset ..][..head_dim]`
 /// (and the same for values), for `j < len`. A token-major cache `[S, kv_heads, head_dim]` has
 /// `stride = kv_heads * head_dim` and `offset = kv_head * head_dim`.
 #[derive(Debug, Clone, Copy)]
-pub struct HeadView<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+pub struct HeadView<'a, T = f32> {
+    pub keys: &'a [T],
+    pub values: &'a [T],
     pub len: usize,
     pub stride: usize,
     pub offset: usize,
 }
 
-impl HeadView<'_> {
+impl<T> HeadView<'_, T> {
     fn check(&self, head_dim: usize) -> Result<()> {
         if self.len == 0 {
             return Err(KernelError::Shape("attention over an empty cache".into()));
@@ -192,10 +240,11 @@ impl HeadView<'_> {
 }
 
 /// One query head `q: [head_dim]` over the keys and values of `kv`: `out = softmax(K q * scale) V`, the
-/// softmax in f32 (max subtracted). `scores` is scratch of at least `kv.len` floats.
-pub fn attend(
+/// softmax in f32 (max subtracted), products accumulated in f32 whatever the cache's element type.
+/// `scores` is scratch of at least `kv.len` floats.
+pub fn attend<T: KvElem>(
     q: &[f32],
-    kv: HeadView<'_>,
+    kv: HeadView<'_, T>,
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
@@ -222,11 +271,17 @@ pub fn attend(
     Ok(())
 }
 
-fn attend_scalar(q: &[f32], kv: &HeadView<'_>, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn attend_scalar<T: KvElem>(
+    q: &[f32],
+    kv: &HeadView<'_, T>,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let hd = q.len();
     for (j, s) in scores.iter_mut().enumerate() {
         let k = &kv.keys[j * kv.stride + kv.offset..][..hd];
-        *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+        *s = q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
     }
     let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut total = 0f32;
@@ -240,7 +295,7 @@ fn attend_scalar(q: &[f32], kv: &HeadView<'_>, scale: f32, scores: &mut [f32], o
         let v = &kv.values[j * kv.stride + kv.offset..][..hd];
         let p = s * inv;
         for (o, x) in out.iter_mut().zip(v) {
-            *o += p * x;
+            *o += p * x.to_f32();
         }
     }
 }
@@ -287,18 +342,18 @@ pub fn gemv_f32_rows(
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     avx2::exp(x)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::HeadView;
+    use super::{HeadView, KvElem};
     use std::arch::x86_64::*;
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -309,7 +364,7 @@ mod avx2 {
     /// `exp(x) = 2^n exp(r)`, `n = round(x log2 e)`, `r = x - n ln2` (ln2 in two parts, Cody-Waite), and
     /// `exp(r) = 1 + r + r^2 P(r)` with Cephes' `expf` polynomial.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn exp(x: __m256) -> __m256 {
         let hi = _mm256_set1_ps(88.722_84);
         let lo = _mm256_set1_ps(-87.336_55);
@@ -342,7 +397,7 @@ mod avx2 {
         _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), over)
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let n = x.len();
         let mut acc = _mm256_setzero_ps();
@@ -370,7 +425,7 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rope_half(a: &mut [f32], b: &mut [f32], cos: &[f32], sin: &[f32]) {
         let n = a.len();
         let mut i = 0;
@@ -389,7 +444,7 @@ mod avx2 {
         super::rope_half_scalar(&mut a[i..], &mut b[i..], &cos[i..], &sin[i..]);
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         let n = gate.len();
         let one = _mm256_set1_ps(1.0);
@@ -405,38 +460,34 @@ mod avx2 {
         super::swiglu_scalar(&gate[i..], &up[i..], &mut out[i..]);
     }
 
-    /// Dot product of `hd` floats (`hd` a multiple of 8 takes the vector path only).
+    /// Dot product of `n` values of `a` (f32) and `b` (any cache element).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot<T: KvElem>(a: *const f32, b: *const T, n: usize) -> f32 {
         let mut acc0 = _mm256_setzero_ps();
         let mut acc1 = _mm256_setzero_ps();
         let mut i = 0;
         while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.add(i + 8)),
-                _mm256_loadu_ps(b.add(i + 8)),
-                acc1,
-            );
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), T::load8(b.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8)), T::load8(b.add(i + 8)), acc1);
             i += 16;
         }
         if i + 8 <= n {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc0);
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), T::load8(b.add(i)), acc0);
             i += 8;
         }
         let mut s = hsum(_mm256_add_ps(acc0, acc1));
         while i < n {
-            s += *a.add(i) * *b.add(i);
+            s += *a.add(i) * (*b.add(i)).to_f32();
             i += 1;
         }
         s
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend<T: KvElem>(
         q: &[f32],
-        kv: &HeadView<'_>,
+        kv: &HeadView<'_, T>,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
@@ -478,7 +529,7 @@ mod avx2 {
                 let p = _mm256_set1_ps(*sp.add(j) * inv);
                 let v = vp.add(j * kv.stride);
                 for (c, a) in acc.iter_mut().enumerate().take(nv) {
-                    *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * c)), *a);
+                    *a = _mm256_fmadd_ps(p, T::load8(v.add(8 * c)), *a);
                 }
             }
             for (c, a) in acc.iter().enumerate().take(nv) {
@@ -489,13 +540,13 @@ mod avx2 {
                 let p = *sp.add(j) * inv;
                 let v = vp.add(j * kv.stride);
                 for c in 0..hd {
-                    *op.add(c) += p * *v.add(c);
+                    *op.add(c) += p * (*v.add(c)).to_f32();
                 }
             }
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv_f32_rows(
         w: &[f32],
         x: &[f32],

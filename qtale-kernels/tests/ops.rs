@@ -181,6 +181,51 @@ fn attention_matches_definition() {
 }
 
 #[test]
+fn attention_over_f16_cache_matches_definition() {
+    let mut rng = StdRng::seed_from_u64(44);
+    let (kvh, hd) = (2usize, 64usize);
+    for len in [1usize, 9, 300] {
+        let k32 = randv(&mut rng, len * kvh * hd, 1.5);
+        let v32 = randv(&mut rng, len * kvh * hd, 1.0);
+        let k16: Vec<f16> = k32.iter().map(|&x| f16::from_f32(x)).collect();
+        let v16: Vec<f16> = v32.iter().map(|&x| f16::from_f32(x)).collect();
+        let q = randv(&mut rng, hd, 1.5);
+        let scale = 0.125f32;
+        let kv = 1;
+        // reference on the f16-rounded values, in f64
+        let key = |j: usize, c: usize| k16[j * kvh * hd + kv * hd + c].to_f64();
+        let val = |j: usize, c: usize| v16[j * kvh * hd + kv * hd + c].to_f64();
+        let s: Vec<f64> = (0..len)
+            .map(|j| (0..hd).map(|c| q[c] as f64 * key(j, c)).sum::<f64>() * scale as f64)
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        for be in backends() {
+            let view = HeadView {
+                keys: &k16[..],
+                values: &v16[..],
+                len,
+                stride: kvh * hd,
+                offset: kv * hd,
+            };
+            let mut scores = vec![0f32; len];
+            let mut out = vec![0f32; hd];
+            ops::attend(&q, view, scale, &mut scores, &mut out, be).unwrap();
+            for c in 0..hd {
+                let want: f64 = (0..len).map(|j| e[j] / z * val(j, c)).sum();
+                let tol = (10.0 * hd as f64 + len as f64 + 16.0) * U;
+                assert!(
+                    (out[c] as f64 - want).abs() <= tol,
+                    "{be:?} len {len} dim {c}: {} vs {want}",
+                    out[c]
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn gemv_f32_matches_definition() {
     let mut rng = StdRng::seed_from_u64(5);
     let (rows, cols) = (67usize, 581usize);

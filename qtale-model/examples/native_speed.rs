@@ -10,12 +10,12 @@
 //! ```
 //! Flags: `--threads LIST` (default 1,2), `--prompt P` (512), `--decode N` (128), `--reps R` (3, the
 //! median is printed), `--variants LIST` out of `f32`, `int4g32`, `int4g64`, `int4g128` (RTN, asymmetric),
-//! `--head auto|f32|q8|q8i8` (`q8i8`: int8 activations too), `--tch-decode`, `--json PATH`,
+//! `--head auto|f32|q8|q8i8` (`q8i8`: int8 activations too), `--kv f32|f16`, `--tch-decode`, `--json PATH`,
 //! `--model PATH.gguf` (default: the SmolLM2 asset).
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qtale_model::native::{HeadFormat, NativeDecoder, NativeOptions};
+use qtale_model::native::{HeadFormat, KvDtype, NativeDecoder, NativeOptions};
 use qtale_model::quantize::{quantize_model, Method, QuantizeOptions};
 use qtale_model::{load_model, KvCache, Llama, ModelSource};
 use qtale_quant::QuantConfig;
@@ -28,6 +28,7 @@ struct Args {
     reps: usize,
     variants: Vec<String>,
     head: HeadFormat,
+    kv: KvDtype,
     tch_decode: bool,
     json: Option<String>,
     model: Option<String>,
@@ -41,6 +42,7 @@ fn parse() -> Result<Args> {
         reps: 3,
         variants: vec!["f32".into(), "int4g32".into(), "int4g64".into()],
         head: HeadFormat::Auto,
+        kv: KvDtype::F32,
         tch_decode: false,
         json: None,
         model: None,
@@ -66,6 +68,13 @@ fn parse() -> Result<Args> {
                     "q8" => HeadFormat::Q8 { int8_acts: false },
                     "q8i8" => HeadFormat::Q8 { int8_acts: true },
                     h => bail!("--head {h:?}: auto, f32, q8 or q8i8"),
+                }
+            }
+            "--kv" => {
+                a.kv = match val()?.as_str() {
+                    "f32" => KvDtype::F32,
+                    "f16" => KvDtype::F16,
+                    k => bail!("--kv {k:?}: f32 or f16"),
                 }
             }
             "--tch-decode" => a.tch_decode = true,
@@ -136,6 +145,7 @@ fn main() -> Result<()> {
                 &NativeOptions {
                     threads: t,
                     head: a.head,
+                    kv_dtype: a.kv,
                     ..Default::default()
                 },
             )?;

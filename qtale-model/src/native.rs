@@ -21,6 +21,7 @@
 //! this token simply does not call it, and no K/V is written for it, as eviction does in the tch
 //! path), [`NativeDecoder::finish_token`] (final norm, head, argmax). [`NativeDecoder::forward_token`]
 //! runs all three for every layer in one dispatch to the thread team.
+use half::f16;
 use qtale_quant::kernels::int4::{Backend, Int4Matrix, QuantActs};
 use qtale_quant::kernels::int8::{Q8Acts, Q8Matrix};
 use qtale_quant::kernels::ops::{self, HeadView};
@@ -69,6 +70,7 @@ pub struct NativeOptions {
     pub backend: Backend,
     /// K/V slots added per growth of a layer's cache.
     pub kv_block: usize,
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for NativeOptions {
@@ -78,6 +80,7 @@ impl Default for NativeOptions {
             head: HeadFormat::Auto,
             backend: Backend::detect(),
             kv_block: 256,
+            kv_dtype: KvDtype::F32,
         }
     }
 }
@@ -227,6 +230,7 @@ pub struct NativeDecoder {
     backend: Backend,
     pool: Pool,
     kv_block: usize,
+    kv_dtype: KvDtype,
 }
 
 fn to_f32_vec(t: &Tensor) -> NResult<Vec<f32>> {
@@ -431,6 +435,7 @@ impl NativeDecoder {
             backend: opts.backend,
             pool: Pool::new(opts.threads),
             kv_block: opts.kv_block,
+            kv_dtype: opts.kv_dtype,
         })
     }
 
@@ -489,9 +494,10 @@ impl NativeDecoder {
             ),
         };
         format!(
-            "linears: {}{}f32 x{f32n}; head {head}; {} threads, {:?}",
+            "linears: {}{}f32 x{f32n}; head {head}; kv {:?}; {} threads, {:?}",
             int4.join(", "),
             if int4.is_empty() { "" } else { ", " },
+            self.kv_dtype,
             self.threads(),
             self.backend
         )
@@ -706,11 +712,8 @@ impl NativeDecoder {
                 let sin = b.sin.range(0, hd / 2);
                 ops::rope(b.qkv.range_mut(0, qd), hd, cos, sin, be)?;
                 ops::rope(b.qkv.range_mut(qd, qd + kvd), hd, cos, sin, be)?;
-                let (k, v) = (&b.k[l], &b.v[l]);
-                k.range_mut(slot * kvd, (slot + 1) * kvd)
-                    .copy_from_slice(b.qkv.range(qd, qd + kvd));
-                v.range_mut(slot * kvd, (slot + 1) * kvd)
-                    .copy_from_slice(b.qkv.range(qd + kvd, qd + 2 * kvd));
+                b.k[l].write(slot * kvd, b.qkv.range(qd, qd + kvd));
+                b.v[l].write(slot * kvd, b.qkv.range(qd + kvd, qd + 2 * kvd));
                 Ok(())
             })();
             if res.is_ok() {
@@ -725,21 +728,35 @@ impl NativeDecoder {
         let cap = b.score_cap;
         for h in ctx.chunks(dm.heads) {
             let r = unsafe {
-                let kv = HeadView {
-                    keys: b.k[l].range(0, len * kvd),
-                    values: b.v[l].range(0, len * kvd),
-                    len,
-                    stride: kvd,
-                    offset: (h / group) * hd,
-                };
-                ops::attend(
+                let (q, sc, out) = (
                     b.qkv.range(h * hd, (h + 1) * hd),
-                    kv,
-                    scale,
                     b.scores.range_mut(h * cap, (h + 1) * cap),
                     b.attn.range_mut(h * hd, (h + 1) * hd),
-                    be,
-                )
+                );
+                let offset = (h / group) * hd;
+                match (b.k[l], b.v[l]) {
+                    (KvView::F32(k), KvView::F32(v)) => {
+                        let kv = HeadView {
+                            keys: k.range(0, len * kvd),
+                            values: v.range(0, len * kvd),
+                            len,
+                            stride: kvd,
+                            offset,
+                        };
+                        ops::attend(q, kv, scale, sc, out, be)
+                    }
+                    (KvView::F16(k), KvView::F16(v)) => {
+                        let kv = HeadView {
+                            keys: k.range(0, len * kvd),
+                            values: v.range(0, len * kvd),
+                            len,
+                            stride: kvd,
+                            offset,
+                        };
+                        ops::attend(q, kv, scale, sc, out, be)
+                    }
+                    _ => unreachable!("keys and values share one dtype"),
+                }
             };
             if res.is_ok() {
                 res = r;
@@ -957,14 +974,107 @@ pub enum Prefill<'a> {
 const HEAD_ROWS: usize = 512;
 
 /// One layer's K/V, token-major `[capacity, kv_heads * head_dim]`; `len` slots are filled.
-#[derive(Debug, Default)]
+/// Storage of one layer's keys or values.
+#[derive(Debug)]
+enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl KvBuf {
+    fn new(dtype: KvDtype) -> Self {
+        match dtype {
+            KvDtype::F32 => KvBuf::F32(Vec::new()),
+            KvDtype::F16 => KvBuf::F16(Vec::new()),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            KvBuf::F32(v) => v.len(),
+            KvBuf::F16(v) => v.len(),
+        }
+    }
+    fn resize(&mut self, n: usize) {
+        match self {
+            KvBuf::F32(v) => v.resize(n, 0.0),
+            KvBuf::F16(v) => v.resize(n, f16::ZERO),
+        }
+    }
+    /// Store `src` at element offset `at`.
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvBuf::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(v) => {
+                for (d, &x) in v[at..at + src.len()].iter_mut().zip(src) {
+                    *d = f16::from_f32(x);
+                }
+            }
+        }
+    }
+    fn read(&self, at: usize, n: usize) -> Vec<f32> {
+        match self {
+            KvBuf::F32(v) => v[at..at + n].to_vec(),
+            KvBuf::F16(v) => v[at..at + n].iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+    fn view(&mut self) -> KvView {
+        match self {
+            KvBuf::F32(v) => KvView::F32(SharedSlice::new(v)),
+            KvBuf::F16(v) => KvView::F16(SharedSlice::new(v)),
+        }
+    }
+}
+
+/// A job's view of one layer's keys or values.
+#[derive(Debug, Clone, Copy)]
+enum KvView {
+    F32(SharedSlice<f32>),
+    F16(SharedSlice<f16>),
+}
+
+impl KvView {
+    /// Store `src` at element offset `at`.
+    ///
+    /// # Safety
+    /// As [`SharedSlice::range_mut`].
+    unsafe fn write(&self, at: usize, src: &[f32]) {
+        match self {
+            KvView::F32(s) => s.range_mut(at, at + src.len()).copy_from_slice(src),
+            KvView::F16(s) => {
+                for (d, &x) in s.range_mut(at, at + src.len()).iter_mut().zip(src) {
+                    *d = f16::from_f32(x);
+                }
+            }
+        }
+    }
+}
+
+/// Element type of the K/V cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    /// Exact w.r.t. the tch path.
+    F32,
+    /// Half the bytes streamed per step at long contexts (llama.cpp's default); keys and values are
+    /// rounded to f16 (relative error 2^-11), products still accumulate in f32.
+    F16,
+}
+
+/// One layer's K/V, token-major `[capacity, kv_heads * head_dim]`; `len` slots are filled.
+#[derive(Debug)]
 pub struct LayerKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: KvBuf,
+    v: KvBuf,
     len: usize,
 }
 
 impl LayerKv {
+    fn new(dtype: KvDtype) -> Self {
+        LayerKv {
+            k: KvBuf::new(dtype),
+            v: KvBuf::new(dtype),
+            len: 0,
+        }
+    }
     /// Keys stored.
     pub fn len(&self) -> usize {
         self.len
@@ -976,13 +1086,19 @@ impl LayerKv {
     pub fn capacity(&self, kv_dim: usize) -> usize {
         self.k.len() / kv_dim.max(1)
     }
-    /// Key `j`, `[kv_heads * head_dim]` (RoPE applied).
-    pub fn key(&self, j: usize, kv_dim: usize) -> &[f32] {
-        &self.k[j * kv_dim..(j + 1) * kv_dim]
+    /// Key `j`, `[kv_heads * head_dim]` (RoPE applied), as f32.
+    pub fn key(&self, j: usize, kv_dim: usize) -> Vec<f32> {
+        self.k.read(j * kv_dim, kv_dim)
     }
-    /// Value `j`, `[kv_heads * head_dim]`.
-    pub fn value(&self, j: usize, kv_dim: usize) -> &[f32] {
-        &self.v[j * kv_dim..(j + 1) * kv_dim]
+    /// Value `j`, `[kv_heads * head_dim]`, as f32.
+    pub fn value(&self, j: usize, kv_dim: usize) -> Vec<f32> {
+        self.v.read(j * kv_dim, kv_dim)
+    }
+    fn grow_to(&mut self, slots: usize, kv_dim: usize) {
+        if self.capacity(kv_dim) < slots {
+            self.k.resize(slots * kv_dim);
+            self.v.resize(slots * kv_dim);
+        }
     }
 }
 
@@ -1020,7 +1136,7 @@ pub struct NativeState {
     started: bool,
 }
 
-type KvViews = (Vec<SharedSlice<f32>>, Vec<SharedSlice<f32>>, Vec<usize>);
+type KvViews = (Vec<KvView>, Vec<KvView>, Vec<usize>);
 
 impl NativeState {
     fn new(dec: &NativeDecoder, capacity: usize) -> NResult<Self> {
@@ -1038,7 +1154,7 @@ impl NativeState {
         let empty = || QuantActs::new(&[], 0, 1, 1);
         let mut st = NativeState {
             cache: NativeCache {
-                layers: (0..dm.layers).map(|_| LayerKv::default()).collect(),
+                layers: (0..dm.layers).map(|_| LayerKv::new(dec.kv_dtype)).collect(),
                 pos: 0,
             },
             x: vec![0.0; dm.hidden],
@@ -1058,8 +1174,12 @@ impl NativeState {
             cos: vec![0.0; dm.head_dim / 2],
             sin: vec![0.0; dm.head_dim / 2],
             kv_views: (
-                (0..dm.layers).map(|_| SharedSlice::new(&mut [])).collect(),
-                (0..dm.layers).map(|_| SharedSlice::new(&mut [])).collect(),
+                (0..dm.layers)
+                    .map(|_| KvView::F32(SharedSlice::new(&mut [])))
+                    .collect(),
+                (0..dm.layers)
+                    .map(|_| KvView::F32(SharedSlice::new(&mut [])))
+                    .collect(),
                 vec![0; dm.layers],
             ),
             started: false,
@@ -1145,9 +1265,7 @@ impl NativeState {
         let kvd = dm.kv_dim();
         let lc = &mut self.cache.layers[l];
         if lc.len + 1 > lc.capacity(kvd) {
-            let cap = (lc.len + 1).next_multiple_of(block);
-            lc.k.resize(cap * kvd, 0.0);
-            lc.v.resize(cap * kvd, 0.0);
+            lc.grow_to((lc.len + 1).next_multiple_of(block), kvd);
         }
         let need = lc.capacity(kvd);
         if self.score_cap < need {
@@ -1160,10 +1278,7 @@ impl NativeState {
         let kvd = dm.kv_dim();
         let cap = tokens.max(1).next_multiple_of(block);
         for lc in &mut self.cache.layers {
-            if lc.capacity(kvd) < cap {
-                lc.k.resize(cap * kvd, 0.0);
-                lc.v.resize(cap * kvd, 0.0);
-            }
+            lc.grow_to(cap, kvd);
         }
         if self.score_cap < cap {
             self.score_cap = cap;
@@ -1218,13 +1333,10 @@ impl NativeState {
             maxlen = maxlen.max(n);
             let dst = &mut self.cache.layers[l];
             let cap = n.max(1).next_multiple_of(dec.kv_block);
-            if dst.capacity(kvd) < cap {
-                dst.k.resize(cap * kvd, 0.0);
-                dst.v.resize(cap * kvd, 0.0);
-            }
+            dst.grow_to(cap, kvd);
             for (j, (i, _)) in valid.iter().enumerate().filter(|(_, &b)| b).enumerate() {
-                dst.k[j * kvd..(j + 1) * kvd].copy_from_slice(&kf[i * kvd..(i + 1) * kvd]);
-                dst.v[j * kvd..(j + 1) * kvd].copy_from_slice(&vf[i * kvd..(i + 1) * kvd]);
+                dst.k.write(j * kvd, &kf[i * kvd..(i + 1) * kvd]);
+                dst.v.write(j * kvd, &vf[i * kvd..(i + 1) * kvd]);
             }
             dst.len = n;
         }
@@ -1252,8 +1364,8 @@ struct Bufs<'a> {
     head_acts: SharedSlice<Q8Acts>,
     cos: SharedSlice<f32>,
     sin: SharedSlice<f32>,
-    k: &'a [SharedSlice<f32>],
-    v: &'a [SharedSlice<f32>],
+    k: &'a [KvView],
+    v: &'a [KvView],
     kv_len: &'a [usize],
 }
 
@@ -1261,8 +1373,8 @@ impl Bufs<'_> {
     /// Views of `st`'s buffers; the per-layer views are refreshed in place (no allocation).
     fn new(st: &mut NativeState) -> Bufs<'_> {
         for (i, lc) in st.cache.layers.iter_mut().enumerate() {
-            st.kv_views.0[i] = SharedSlice::new(&mut lc.k);
-            st.kv_views.1[i] = SharedSlice::new(&mut lc.v);
+            st.kv_views.0[i] = lc.k.view();
+            st.kv_views.1[i] = lc.v.view();
             st.kv_views.2[i] = lc.len;
         }
         Bufs {

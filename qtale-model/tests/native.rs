@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use qtale_model::config::HfConfig;
 use qtale_model::load::load_hf_weights;
-use qtale_model::native::{HeadFormat, NativeDecoder, NativeOptions, NativeState, Prefill};
+use qtale_model::native::{
+    HeadFormat, KvDtype, NativeDecoder, NativeOptions, NativeState, Prefill,
+};
 use qtale_model::quantize::{quantize_model, Method, QuantizeOptions};
 use qtale_model::{KvCache, Llama};
 use qtale_quant::kernels::int4::Backend;
@@ -57,6 +59,7 @@ fn opts(backend: Backend, threads: usize, head: HeadFormat) -> NativeOptions {
         head,
         backend,
         kv_block: 4, // small, so the tests cross several growths of the cache
+        kv_dtype: KvDtype::F32,
     }
 }
 
@@ -153,6 +156,47 @@ fn tiny_f32_native_equals_tch_and_hf() {
                         .unwrap();
                     assert_eq!(out, g.new_tokens, "{name} {be:?} t{threads} {pf:?}");
                 }
+            }
+        }
+    }
+}
+
+/// f16 K/V: each key and value rounded to f16 (relative error <= 2^-11), so scores and outputs move by
+/// about that much times their magnitude; logits of the tiny models (O(1-10)) move by < 1e-2.
+#[test]
+fn f16_kv_cache_within_its_rounding() {
+    tch::set_num_threads(1);
+    for name in ["gqa_tied", "mha_untied"] {
+        let (model, exp) = load_tiny(name);
+        let ids = &exp.prompts[2];
+        let want = tch_logits(&model, ids);
+        for be in backends() {
+            let mut o = opts(be, 2, HeadFormat::F32);
+            o.kv_dtype = KvDtype::F16;
+            let dec = NativeDecoder::from_llama(&model, &o).unwrap();
+            let mut st = dec.new_state(1).unwrap();
+            let got = native_logits(&dec, &mut st, ids);
+            let d = max_abs_diff(&got, &want);
+            let r = rel_err(&got, &want);
+            assert!(
+                d < 1e-2 && r > 1e-7,
+                "{name} {be:?}: f16 K/V moved logits by {d} (rel {r})"
+            );
+            // the stored keys are the f32 keys rounded to f16
+            let mut o32 = opts(be, 2, HeadFormat::F32);
+            o32.kv_dtype = KvDtype::F32;
+            let d32 = NativeDecoder::from_llama(&model, &o32).unwrap();
+            let mut s32 = d32.new_state(1).unwrap();
+            st.reset();
+            dec.forward_token(ids[0], &mut st).unwrap();
+            d32.forward_token(ids[0], &mut s32).unwrap();
+            let kvd = model.config.num_key_value_heads * model.config.head_dim;
+            let (a, b) = (
+                st.cache.layers[0].key(0, kvd),
+                s32.cache.layers[0].key(0, kvd),
+            );
+            for (x, y) in a.iter().zip(&b) {
+                assert_eq!(*x, half::f16::from_f32(*y).to_f32());
             }
         }
     }
