@@ -212,13 +212,12 @@ fn attention_over_f16_cache_matches_definition() {
             let mut scores = vec![0f32; len];
             let mut out = vec![0f32; hd];
             ops::attend(&q, view, scale, &mut scores, &mut out, be).unwrap();
-            for c in 0..hd {
+            for (c, &o) in out.iter().enumerate() {
                 let want: f64 = (0..len).map(|j| e[j] / z * val(j, c)).sum();
                 let tol = (10.0 * hd as f64 + len as f64 + 16.0) * U;
                 assert!(
-                    (out[c] as f64 - want).abs() <= tol,
-                    "{be:?} len {len} dim {c}: {} vs {want}",
-                    out[c]
+                    (o as f64 - want).abs() <= tol,
+                    "{be:?} len {len} dim {c}: {o} vs {want}"
                 );
             }
         }
