@@ -423,45 +423,104 @@ impl QuantActs {
     pub fn quantize_into(&mut self, x: &[f32], m: usize, cols: usize, group: usize) {
         let ng = cols / group;
         self.paired = group.is_multiple_of(2 * BLOCK);
-        let paired = self.paired;
         self.q.resize(m * cols, 0);
         self.d.resize(m * ng, 0.0);
         self.sum.resize(m * ng, 0.0);
-        let (q, d, sum) = (&mut self.q, &mut self.d, &mut self.sum);
-        for (i, (xs, qs)) in x
-            .chunks_exact(group)
-            .zip(q.chunks_exact_mut(group))
-            .enumerate()
-        {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            sum[i] = xs.iter().sum();
-            d[i] = 0.0;
-            if amax > 0.0 && amax.is_finite() {
-                let scale = amax / 127.0;
-                let inv = 1.0 / scale;
-                let quant = |v: f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
-                if paired {
-                    for (xp, qp) in xs
-                        .chunks_exact(2 * BLOCK)
-                        .zip(qs.chunks_exact_mut(2 * BLOCK))
-                    {
-                        for j in 0..16 {
-                            qp[j] = quant(xp[j]);
-                            qp[16 + j] = quant(xp[32 + j]);
-                            qp[32 + j] = quant(xp[16 + j]);
-                            qp[48 + j] = quant(xp[48 + j]);
-                        }
-                    }
-                } else {
-                    for (o, v) in qs.iter_mut().zip(xs) {
-                        *o = quant(*v);
-                    }
-                }
-                d[i] = scale;
-            } else {
-                qs.fill(0);
+        quantize_groups(
+            &x[..m * cols],
+            group,
+            &mut self.q,
+            &mut self.d,
+            &mut self.sum,
+            Backend::detect(),
+        );
+    }
+}
+
+/// Quantize whole groups of activations (`x.len()` a multiple of `group`, a multiple of 32) into
+/// `q` (same length, in [`QuantActs`]' order: permuted per 64 when `group` is a multiple of 64),
+/// `d` and `sum` (one per group): the work of [`QuantActs::quantize_into`], on any run of groups, so
+/// that threads can each fill their part of one activation vector.
+///
+/// Per group: `amax = max |x|`, `d = amax / 127`, `q = round(x / d)` (as `x * (1 / d)`, ties away from
+/// zero), `sum` = the f32 sum in eight interleaved partial sums (the order of an 8-lane vector sum);
+/// a group with a non-finite value or all zeros gets `d = 0` and `q = 0`. Both backends give
+/// identical bits.
+pub fn quantize_groups(
+    x: &[f32],
+    group: usize,
+    q: &mut [i8],
+    d: &mut [f32],
+    sum: &mut [f32],
+    backend: Backend,
+) {
+    if x.is_empty() {
+        return;
+    }
+    assert!(group.is_multiple_of(BLOCK) && x.len().is_multiple_of(group));
+    let ng = x.len() / group;
+    assert!(q.len() == x.len() && d.len() == ng && sum.len() == ng);
+    let paired = group.is_multiple_of(2 * BLOCK);
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 if backend.is_available() => {
+            // SAFETY: AVX2 checked; lengths checked above.
+            unsafe { avx2::quantize_groups(x, group, paired, q, d, sum) }
+        }
+        _ => quantize_groups_scalar(x, group, paired, q, d, sum),
+    }
+}
+
+fn quantize_groups_scalar(
+    x: &[f32],
+    group: usize,
+    paired: bool,
+    q: &mut [i8],
+    d: &mut [f32],
+    sum: &mut [f32],
+) {
+    // Round half away from zero, as `f32::round`.
+    let quant = |v: f32, inv: f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
+    for (i, (xs, qs)) in x
+        .chunks_exact(group)
+        .zip(q.chunks_exact_mut(group))
+        .enumerate()
+    {
+        let mut lanes = [0f32; 8];
+        for c in xs.chunks_exact(8) {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l += v;
             }
         }
+        sum[i] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+            + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+        let finite = xs.iter().all(|v| v.is_finite());
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if !(finite && amax > 0.0) {
+            d[i] = 0.0;
+            qs.fill(0);
+            continue;
+        }
+        let scale = amax / 127.0;
+        let inv = 1.0 / scale;
+        if paired {
+            for (xp, qp) in xs
+                .chunks_exact(2 * BLOCK)
+                .zip(qs.chunks_exact_mut(2 * BLOCK))
+            {
+                for j in 0..16 {
+                    qp[j] = quant(xp[j], inv);
+                    qp[16 + j] = quant(xp[32 + j], inv);
+                    qp[32 + j] = quant(xp[16 + j], inv);
+                    qp[48 + j] = quant(xp[48 + j], inv);
+                }
+            }
+        } else {
+            for (o, v) in qs.iter_mut().zip(xs) {
+                *o = quant(*v, inv);
+            }
+        }
+        d[i] = scale;
     }
 }
 
@@ -469,6 +528,103 @@ impl QuantActs {
 mod avx2 {
     use super::{Int4Matrix, QuantActs, BLOCK, MAX_TILE};
     use std::arch::x86_64::*;
+
+    /// Round half away from zero (as `f32::round`) in 8 lanes: nearest-even, except at exact ties.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn round_away(v: __m256) -> __m256 {
+        let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        let frac = _mm256_sub_ps(v, t);
+        let sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0));
+        let abs_frac = _mm256_andnot_ps(_mm256_set1_ps(-0.0), frac);
+        let tie = _mm256_cmp_ps(abs_frac, _mm256_set1_ps(0.5), _CMP_EQ_OQ);
+        let away = _mm256_add_ps(t, _mm256_or_ps(_mm256_set1_ps(1.0), sign));
+        let even = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_blendv_ps(even, away, tie)
+    }
+
+    /// 32 values to 32 i8 codes in order (`x * inv`, rounded, clamped to +-127).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quant32(x: *const f32, inv: __m256) -> __m256i {
+        let lim = _mm256_set1_ps(127.0);
+        let nlim = _mm256_set1_ps(-127.0);
+        let mut r = [_mm256_setzero_si256(); 4];
+        for (k, rk) in r.iter_mut().enumerate() {
+            let v = round_away(_mm256_mul_ps(_mm256_loadu_ps(x.add(8 * k)), inv));
+            *rk = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, nlim), lim));
+        }
+        // packs work per 128-bit lane: fix the dword order afterwards
+        let ab = _mm256_packs_epi32(r[0], r[1]);
+        let cd = _mm256_packs_epi32(r[2], r[3]);
+        let abcd = _mm256_packs_epi16(ab, cd);
+        _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_groups(
+        x: &[f32],
+        group: usize,
+        paired: bool,
+        q: &mut [i8],
+        d: &mut [f32],
+        sum: &mut [f32],
+    ) {
+        let absmask = _mm256_set1_ps(-0.0);
+        for (i, (xs, qs)) in x
+            .chunks_exact(group)
+            .zip(q.chunks_exact_mut(group))
+            .enumerate()
+        {
+            let xp = xs.as_ptr();
+            let mut acc = _mm256_setzero_ps();
+            let mut mx = _mm256_setzero_ps();
+            // x * 0 is 0 for finite x, NaN for inf / NaN
+            let mut bad = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < group {
+                let v = _mm256_loadu_ps(xp.add(c));
+                acc = _mm256_add_ps(acc, v);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(absmask, v));
+                bad = _mm256_or_ps(
+                    bad,
+                    _mm256_cmp_ps(
+                        _mm256_mul_ps(v, _mm256_setzero_ps()),
+                        _mm256_setzero_ps(),
+                        _CMP_NEQ_UQ,
+                    ),
+                );
+                c += 8;
+            }
+            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            sum[i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+            let m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+            if _mm256_movemask_ps(bad) != 0 || amax <= 0.0 {
+                d[i] = 0.0;
+                qs.fill(0);
+                continue;
+            }
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(1.0 / scale);
+            let qp = qs.as_mut_ptr() as *mut __m256i;
+            if paired {
+                for p in 0..group / 64 {
+                    let a = quant32(xp.add(64 * p), inv);
+                    let b = quant32(xp.add(64 * p + 32), inv);
+                    _mm256_storeu_si256(qp.add(2 * p), _mm256_permute2x128_si256(a, b, 0x20));
+                    _mm256_storeu_si256(qp.add(2 * p + 1), _mm256_permute2x128_si256(a, b, 0x31));
+                }
+            } else {
+                for p in 0..group / 32 {
+                    _mm256_storeu_si256(qp.add(p), quant32(xp.add(32 * p), inv));
+                }
+            }
+            d[i] = scale;
+        }
+    }
 
     /// How far ahead of the block being multiplied the packed weights are prefetched. The hardware
     /// prefetcher alone left the cold 4096 x 4096 GEMV at ~11 GB/s on the 2-core dev VM; 2-8 KiB

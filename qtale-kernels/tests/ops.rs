@@ -1,7 +1,7 @@
 //! The decode-step ops and the int8 head kernels: each SIMD version against its scalar reference, and
 //! both against an f64 evaluation of the definition, with explicit error bounds.
 use half::f16;
-use qtale_kernels::int4::{Backend, Int4Matrix, QuantActs};
+use qtale_kernels::int4::{quantize_groups, Backend, Int4Matrix, QuantActs};
 use qtale_kernels::int8::{Q8Acts, Q8Matrix, Q8_BLOCK};
 use qtale_kernels::ops::{self, HeadView};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -389,5 +389,75 @@ fn int4_rows_into_matches_gemm_and_reuses_buffers() {
         assert!(w
             .rows_into(&x, &acts, 1, 90, 100, &mut out, Backend::Scalar)
             .is_err());
+    }
+}
+
+/// The activation quantizer: SIMD and scalar give identical bits (ties round away from zero, as
+/// `f32::round`), and the codes satisfy the definition.
+#[test]
+fn activation_quantizer_simd_equals_scalar() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for group in [32usize, 64, 128] {
+        let n = 4 * group;
+        let mut x = randv(&mut rng, n, 3.0);
+        // group 1: amax 127 makes the scale exactly 1, so halves are exact ties
+        for (j, v) in x[group..2 * group].iter_mut().enumerate() {
+            *v = (j as f32 - (group / 2) as f32) + 0.5;
+        }
+        x[group] = 127.0;
+        // group 2: a non-finite value zeroes the group; group 3: all zeros
+        x[2 * group + 5] = f32::INFINITY;
+        x[3 * group..].fill(0.0);
+        let mut outs = Vec::new();
+        for be in backends() {
+            let mut q = vec![0i8; n];
+            let mut d = vec![0f32; 4];
+            let mut s = vec![0f32; 4];
+            quantize_groups(&x, group, &mut q, &mut d, &mut s, be);
+            outs.push((q, d, s));
+        }
+        if let [a, b] = &outs[..] {
+            assert_eq!(a.0, b.0, "codes, group {group}");
+            assert_eq!(a.1, b.1, "scales, group {group}");
+            assert_eq!(
+                a.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()[..2],
+                b.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()[..2],
+                "sums, group {group}"
+            );
+        }
+        let (q, d, _) = &outs[0];
+        assert_eq!(d[1], 1.0);
+        assert_eq!((d[2], d[3]), (0.0, 0.0));
+        assert!(q[2 * group..].iter().all(|&c| c == 0));
+        let paired = group % 64 == 0;
+        // undo the per-64 permutation
+        let pos = |j: usize| -> usize {
+            if !paired {
+                return j;
+            }
+            let (run, k) = (j / 64 * 64, j % 64);
+            run + match k {
+                0..=15 => k,
+                16..=31 => k + 16,
+                32..=47 => k - 16,
+                _ => k,
+            }
+        };
+        for g in 0..2 {
+            for j in 0..group {
+                let v = x[g * group + j] / d[g];
+                let want = v.round().clamp(-127.0, 127.0) as i8;
+                assert_eq!(
+                    q[g * group + pos(j)],
+                    want,
+                    "group {group}, g {g}, j {j}, v {v}"
+                );
+            }
+        }
+        // ties away from zero: 0.5 -> 1, -0.5 -> -1, 2.5 -> 3
+        let h = group / 2;
+        assert_eq!(q[group + pos(h)], 1);
+        assert_eq!(q[group + pos(h - 1)], -1);
+        assert_eq!(q[group + pos(h + 2)], 3);
     }
 }

@@ -22,7 +22,7 @@
 //! path), [`NativeDecoder::finish_token`] (final norm, head, argmax). [`NativeDecoder::forward_token`]
 //! runs all three for every layer in one dispatch to the thread team.
 use half::f16;
-use qtale_quant::kernels::int4::{Backend, Int4Matrix, QuantActs};
+use qtale_quant::kernels::int4::{quantize_groups, Backend, Int4Matrix, QuantActs};
 use qtale_quant::kernels::int8::{Q8Acts, Q8Matrix};
 use qtale_quant::kernels::ops::{self, HeadView};
 use qtale_quant::kernels::pool::{Ctx, Pool, SharedSlice};
@@ -644,27 +644,61 @@ impl NativeDecoder {
         Ok(st.best_token())
     }
 
-    /// Rows chunking: chunks of `rows_per` rows over `total` rows.
-    fn nchunks(total: usize, rows_per: usize) -> usize {
-        total.div_ceil(rows_per)
+    /// Quantize `x[a..z]` (whole groups) into site `site` of layer `l`'s activation buffers.
+    ///
+    /// # Safety
+    /// No other thread may touch those groups of the buffers meanwhile.
+    unsafe fn quantize_range(
+        &self,
+        b: &Bufs,
+        l: usize,
+        site: usize,
+        x: &[f32],
+        a: usize,
+        z: usize,
+    ) -> Result<(), KernelError> {
+        let Some(g) = self.layers[l].groups[site] else {
+            return Ok(());
+        };
+        let (q, d, s) = b.act_bufs[4 * l + site];
+        quantize_groups(
+            &x[a..z],
+            g,
+            q.range_mut(a, z),
+            d.range_mut(a / g, z / g),
+            s.range_mut(a / g, z / g),
+            self.backend,
+        );
+        Ok(())
     }
 
-    /// One decoder layer on the team; every thread calls this with the same arguments. Phases are
-    /// separated by barriers; serial steps (norms, RoPE, K/V writes, activation quantization) run on
-    /// thread 0. Returns the first kernel error (only shape errors, i.e. bugs, can occur).
+    /// One decoder layer on the team; every thread calls this with the same arguments. Six phases,
+    /// each ended by a barrier: (0) RMSNorm and the activation quantization on thread 0; (1) the q, k
+    /// and v rows one head per chunk, each chunk applying RoPE to its head and writing its key or value
+    /// into the cache; (2) attention one query head per chunk, each quantizing its output head for
+    /// o_proj; (3) the o rows; (4) residual, RMSNorm and quantization on thread 0; (5) gate and up rows
+    /// with SwiGLU and the quantization of their slice for down_proj; (6) the down rows, whose
+    /// residual add thread 0 does after the last barrier. Returns the first kernel error (shape
+    /// errors only, i.e. bugs).
     fn layer_job(&self, ctx: &Ctx, l: usize, b: &Bufs) -> Result<(), KernelError> {
         let lay = &self.layers[l];
         let dm = &self.dims;
-        let (d, qd, kvd, hd) = (dm.hidden, dm.q_dim(), dm.kv_dim(), dm.head_dim);
+        let (d, qd, kvd, hd, inter) = (dm.hidden, dm.q_dim(), dm.kv_dim(), dm.head_dim, dm.inter);
         let be = self.backend;
         let t0 = ctx.tid() == 0;
         let slot = b.kv_len[l];
+        let acts = |site: usize| unsafe { &b.acts.range(4 * l + site, 4 * l + site + 1)[0] };
+        let mut res = Ok(());
+        let mut keep = |r: Result<(), KernelError>| {
+            if res.is_ok() {
+                res = r;
+            }
+        };
         // SAFETY (all `unsafe` blocks below): the buffers outlive the job (they belong to the state
         // that `Bufs::new` borrowed); each phase writes disjoint ranges (thread 0 alone in serial
         // phases, distinct chunks in parallel phases) and barriers separate writers from readers.
-        let mut res = Ok(());
         if t0 {
-            res = (|| unsafe {
+            keep((|| unsafe {
                 ops::rms_norm(
                     b.x.range(0, d),
                     &lay.attn_norm,
@@ -672,62 +706,46 @@ impl NativeDecoder {
                     b.h.range_mut(0, d),
                     be,
                 )?;
-                if let Some(g) = lay.groups[0] {
-                    b.acts.range_mut(0, 1)[0].quantize_into(b.h.range(0, d), 1, d, g);
-                }
-                Ok(())
-            })();
+                self.quantize_range(b, l, 0, b.h.range(0, d), 0, d)
+            })());
         }
         ctx.barrier();
-        // q, k, v rows in one pass over the three matrices.
-        const R: usize = 32;
-        let parts: [(&Lin, usize); 3] = [(&lay.q, 0), (&lay.k, qd), (&lay.v, qd + kvd)];
-        let total = qd + 2 * kvd;
-        for c in ctx.chunks(Self::nchunks(total, R)) {
-            let (a, z) = (c * R, ((c + 1) * R).min(total));
-            for (lin, off) in parts {
-                let n = lin.w.rows();
-                let (r0, r1) = (a.max(off), z.min(off + n));
-                if r0 < r1 {
-                    let r = unsafe {
-                        lin.rows_into(
-                            b.h.range(0, d),
-                            &b.acts.range(0, 1)[0],
-                            r0 - off,
-                            r1 - off,
-                            b.qkv.range_mut(r0, r1),
-                            be,
-                        )
-                    };
-                    if res.is_ok() {
-                        res = r;
-                    }
-                }
-            }
-        }
-        ctx.barrier();
-        if t0 {
-            let r = (|| unsafe {
+        // (1) One head of q, k or v per chunk.
+        let (nq, nkv) = (dm.heads, dm.kv_heads);
+        for c in ctx.chunks(nq + 2 * nkv) {
+            keep((|| unsafe {
+                let (lin, i, off) = if c < nq {
+                    (&lay.q, c, 0)
+                } else if c < nq + nkv {
+                    (&lay.k, c - nq, qd)
+                } else {
+                    (&lay.v, c - nq - nkv, qd + kvd)
+                };
+                let (r0, r1) = (i * hd, (i + 1) * hd);
+                let out = b.qkv.range_mut(off + r0, off + r1);
+                lin.rows_into(b.h.range(0, d), acts(0), r0, r1, out, be)?;
                 let cos = b.cos.range(0, hd / 2);
                 let sin = b.sin.range(0, hd / 2);
-                ops::rope(b.qkv.range_mut(0, qd), hd, cos, sin, be)?;
-                ops::rope(b.qkv.range_mut(qd, qd + kvd), hd, cos, sin, be)?;
-                b.k[l].write(slot * kvd, b.qkv.range(qd, qd + kvd));
-                b.v[l].write(slot * kvd, b.qkv.range(qd + kvd, qd + 2 * kvd));
+                if c < nq + nkv {
+                    ops::rope(out, hd, cos, sin, be)?;
+                }
+                if c >= nq {
+                    let cache = if c < nq + nkv { b.k[l] } else { b.v[l] };
+                    cache.write(slot * kvd + r0, out);
+                }
                 Ok(())
-            })();
-            if res.is_ok() {
-                res = r;
-            }
+            })());
         }
         ctx.barrier();
-        // Attention: one query head per chunk.
+        // (2) Attention, one query head per chunk; its output head quantized for o_proj when the
+        // groups tile the head.
         let group = dm.heads / dm.kv_heads;
         let len = slot + 1;
         let scale = 1.0 / (hd as f32).sqrt();
         let cap = b.score_cap;
+        let fused_o = lay.groups[1].is_none_or(|g| hd.is_multiple_of(g));
         for h in ctx.chunks(dm.heads) {
-            let r = unsafe {
+            keep((|| unsafe {
                 let (q, sc, out) = (
                     b.qkv.range(h * hd, (h + 1) * hd),
                     b.scores.range_mut(h * cap, (h + 1) * cap),
@@ -743,7 +761,7 @@ impl NativeDecoder {
                             stride: kvd,
                             offset,
                         };
-                        ops::attend(q, kv, scale, sc, out, be)
+                        ops::attend(q, kv, scale, sc, out, be)?
                     }
                     (KvView::F16(k), KvView::F16(v)) => {
                         let kv = HeadView {
@@ -753,41 +771,42 @@ impl NativeDecoder {
                             stride: kvd,
                             offset,
                         };
-                        ops::attend(q, kv, scale, sc, out, be)
+                        ops::attend(q, kv, scale, sc, out, be)?
                     }
                     _ => unreachable!("keys and values share one dtype"),
                 }
-            };
-            if res.is_ok() {
-                res = r;
-            }
+                if fused_o {
+                    self.quantize_range(b, l, 1, b.attn.range(0, qd), h * hd, (h + 1) * hd)?;
+                }
+                Ok(())
+            })());
         }
         ctx.barrier();
-        if t0 {
-            if let Some(g) = lay.groups[1] {
-                unsafe { b.acts.range_mut(1, 2)[0].quantize_into(b.attn.range(0, qd), 1, qd, g) };
+        if !fused_o {
+            if t0 {
+                keep(unsafe { self.quantize_range(b, l, 1, b.attn.range(0, qd), 0, qd) });
             }
+            ctx.barrier();
         }
-        ctx.barrier();
-        for c in ctx.chunks(Self::nchunks(d, R)) {
+        // (3) o rows.
+        const R: usize = 32;
+        for c in ctx.chunks(d.div_ceil(R)) {
             let (r0, r1) = (c * R, ((c + 1) * R).min(d));
-            let r = unsafe {
+            keep(unsafe {
                 lay.o.rows_into(
                     b.attn.range(0, qd),
-                    &b.acts.range(1, 2)[0],
+                    acts(1),
                     r0,
                     r1,
                     b.tmp.range_mut(r0, r1),
                     be,
                 )
-            };
-            if res.is_ok() {
-                res = r;
-            }
+            });
         }
         ctx.barrier();
+        // (4) Residual and the MLP's norm.
         if t0 {
-            let r = (|| unsafe {
+            keep((|| unsafe {
                 ops::add_assign(b.x.range_mut(0, d), b.tmp.range(0, d))?;
                 ops::rms_norm(
                     b.x.range(0, d),
@@ -796,68 +815,48 @@ impl NativeDecoder {
                     b.h.range_mut(0, d),
                     be,
                 )?;
-                if let Some(g) = lay.groups[2] {
-                    b.acts.range_mut(2, 3)[0].quantize_into(b.h.range(0, d), 1, d, g);
-                }
-                Ok(())
-            })();
-            if res.is_ok() {
-                res = r;
-            }
+                self.quantize_range(b, l, 2, b.h.range(0, d), 0, d)
+            })());
         }
         ctx.barrier();
-        let inter = dm.inter;
-        for c in ctx.chunks(Self::nchunks(inter, R)) {
-            let (r0, r1) = (c * R, ((c + 1) * R).min(inter));
-            let r = (|| unsafe {
+        // (5) gate/up rows, SwiGLU, and the quantization of this slice for down_proj (chunks are
+        // whole groups of down_proj's input).
+        let rm = lay.groups[3].map_or(64, |g| lcm(64, g));
+        for c in ctx.chunks(inter.div_ceil(rm)) {
+            let (r0, r1) = (c * rm, ((c + 1) * rm).min(inter));
+            keep((|| unsafe {
                 let x = b.h.range(0, d);
-                let acts = &b.acts.range(2, 3)[0];
                 lay.gate
-                    .rows_into(x, acts, r0, r1, b.gate.range_mut(r0, r1), be)?;
+                    .rows_into(x, acts(2), r0, r1, b.gate.range_mut(r0, r1), be)?;
                 lay.up
-                    .rows_into(x, acts, r0, r1, b.up.range_mut(r0, r1), be)?;
+                    .rows_into(x, acts(2), r0, r1, b.up.range_mut(r0, r1), be)?;
                 ops::swiglu(
                     b.gate.range(r0, r1),
                     b.up.range(r0, r1),
                     b.mid.range_mut(r0, r1),
                     be,
-                )
-            })();
-            if res.is_ok() {
-                res = r;
-            }
+                )?;
+                self.quantize_range(b, l, 3, b.mid.range(0, inter), r0, r1)
+            })());
         }
         ctx.barrier();
-        if t0 {
-            if let Some(g) = lay.groups[3] {
-                unsafe {
-                    b.acts.range_mut(3, 4)[0].quantize_into(b.mid.range(0, inter), 1, inter, g)
-                };
-            }
-        }
-        ctx.barrier();
-        for c in ctx.chunks(Self::nchunks(d, R)) {
+        // (6) down rows.
+        for c in ctx.chunks(d.div_ceil(R)) {
             let (r0, r1) = (c * R, ((c + 1) * R).min(d));
-            let r = unsafe {
+            keep(unsafe {
                 lay.down.rows_into(
                     b.mid.range(0, inter),
-                    &b.acts.range(3, 4)[0],
+                    acts(3),
                     r0,
                     r1,
                     b.tmp.range_mut(r0, r1),
                     be,
                 )
-            };
-            if res.is_ok() {
-                res = r;
-            }
+            });
         }
         ctx.barrier();
         if t0 {
-            let r = unsafe { ops::add_assign(b.x.range_mut(0, d), b.tmp.range(0, d)) };
-            if res.is_ok() {
-                res = r;
-            }
+            keep(unsafe { ops::add_assign(b.x.range_mut(0, d), b.tmp.range(0, d)) });
         }
         // The next phase (another layer or the head) starts with a serial step on thread 0, which
         // already sees this write; other threads wait at its barrier.
@@ -1127,7 +1126,10 @@ pub struct NativeState {
     score_cap: usize,
     logits: Vec<f32>,
     best: Vec<(usize, f32)>,
+    /// Int4 activations per (layer, input site): sized once, never resized.
     acts: Vec<QuantActs>,
+    /// Raw views of `acts`' buffers (the quantizing threads write disjoint groups through them).
+    act_bufs: Vec<ActBufs>,
     head_acts: Vec<Q8Acts>,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -1137,6 +1139,7 @@ pub struct NativeState {
 }
 
 type KvViews = (Vec<KvView>, Vec<KvView>, Vec<usize>);
+type ActBufs = (SharedSlice<i8>, SharedSlice<f32>, SharedSlice<f32>);
 
 impl NativeState {
     fn new(dec: &NativeDecoder, capacity: usize) -> NResult<Self> {
@@ -1169,7 +1172,8 @@ impl NativeState {
             score_cap: 0,
             logits: vec![0.0; dm.vocab],
             best: vec![(0, 0.0); dm.vocab.div_ceil(HEAD_ROWS)],
-            acts: (0..4).map(|_| empty()).collect(),
+            acts: (0..4 * dm.layers).map(|_| empty()).collect(),
+            act_bufs: Vec::new(),
             head_acts: vec![head_acts],
             cos: vec![0.0; dm.head_dim / 2],
             sin: vec![0.0; dm.head_dim / 2],
@@ -1186,14 +1190,25 @@ impl NativeState {
         };
         // Size the activation buffers once for the largest group layout they will see.
         let (d, qd, inter) = (dm.hidden, dm.q_dim(), dm.inter);
-        for lay in &dec.layers {
+        for (l, lay) in dec.layers.iter().enumerate() {
             for (i, cols) in [d, qd, d, inter].into_iter().enumerate() {
                 if let Some(g) = lay.groups[i] {
                     let zeros = vec![0f32; cols];
-                    st.acts[i].quantize_into(&zeros, 1, cols, g);
+                    st.acts[4 * l + i].quantize_into(&zeros, 1, cols, g);
                 }
             }
         }
+        st.act_bufs = st
+            .acts
+            .iter_mut()
+            .map(|a| {
+                (
+                    SharedSlice::new(&mut a.q),
+                    SharedSlice::new(&mut a.d),
+                    SharedSlice::new(&mut a.sum),
+                )
+            })
+            .collect();
         st.reserve_all(capacity, dec.kv_block, &dm);
         Ok(st)
     }
@@ -1361,6 +1376,7 @@ struct Bufs<'a> {
     logits: SharedSlice<f32>,
     best: SharedSlice<(usize, f32)>,
     acts: SharedSlice<QuantActs>,
+    act_bufs: &'a [ActBufs],
     head_acts: SharedSlice<Q8Acts>,
     cos: SharedSlice<f32>,
     sin: SharedSlice<f32>,
@@ -1391,6 +1407,7 @@ impl Bufs<'_> {
             logits: SharedSlice::new(&mut st.logits),
             best: SharedSlice::new(&mut st.best),
             acts: SharedSlice::new(&mut st.acts),
+            act_bufs: &st.act_bufs,
             head_acts: SharedSlice::new(&mut st.head_acts),
             cos: SharedSlice::new(&mut st.cos),
             sin: SharedSlice::new(&mut st.sin),
@@ -1418,4 +1435,15 @@ impl ErrSlot {
             None => Ok(()),
         }
     }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
 }
