@@ -38,7 +38,7 @@ pub const MAX_TILE: usize = 8;
 pub enum Backend {
     /// f32 reference.
     Scalar,
-    /// AVX2 + FMA, int8 activations.
+    /// AVX2 + FMA (+ F16C, which every AVX2 processor has), int8 activations in the int4 kernel.
     Avx2,
 }
 
@@ -49,6 +49,7 @@ impl Backend {
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 return Backend::Avx2;
             }
@@ -292,6 +293,62 @@ impl Int4Matrix {
         Ok(())
     }
 
+    /// Rows `r0..r1` of `y = x W^T` for `m` tokens on the calling thread, into
+    /// `out[t * (r1 - r0) + (r - r0)]`: the building block for callers that split the rows over their
+    /// own threads (the native decoder's pool). `acts` must be `x` quantized for this matrix
+    /// ([`QuantActs::quantize_into`] with its `cols` and `group`); the scalar backend reads `x` only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rows_into(
+        &self,
+        x: &[f32],
+        acts: &QuantActs,
+        m: usize,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+        backend: Backend,
+    ) -> Result<()> {
+        let ng = self.n_groups();
+        if r0 > r1 || r1 > self.rows || out.len() != m * (r1 - r0) {
+            return Err(KernelError::Shape(format!(
+                "int4 rows {r0}..{r1} of {} for {m} tokens into {} outputs",
+                self.rows,
+                out.len()
+            )));
+        }
+        if x.len() != m * self.cols {
+            return Err(KernelError::Shape(format!(
+                "int4 rows: x has {} values, expected [{m}, {}]",
+                x.len(),
+                self.cols
+            )));
+        }
+        if !backend.is_available() {
+            return Err(KernelError::Shape(format!(
+                "backend {backend:?} is not supported by this CPU"
+            )));
+        }
+        match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => {
+                if acts.q.len() != m * self.cols
+                    || acts.d.len() != m * ng
+                    || acts.paired != self.group.is_multiple_of(2 * BLOCK)
+                {
+                    return Err(KernelError::Shape(format!(
+                        "int4 rows: activations quantized for another shape ({} values, {} groups)",
+                        acts.q.len(),
+                        acts.d.len()
+                    )));
+                }
+                // SAFETY: AVX2 checked above, shapes checked above.
+                unsafe { avx2::rows(self, acts, m, r0, r1, out) }
+            }
+            _ => self.rows_scalar(x, m, r0, r1, out),
+        }
+        Ok(())
+    }
+
     /// Output-row ranges for one product: about four per thread (so that work stealing evens out a
     /// core that another process slows down), none below about 256K multiply-adds (a task costs a few
     /// microseconds), each a multiple of 8 rows except the last.
@@ -367,46 +424,157 @@ pub struct QuantActs {
 
 impl QuantActs {
     pub fn new(x: &[f32], m: usize, cols: usize, group: usize) -> Self {
+        let mut a = QuantActs {
+            q: Vec::new(),
+            d: Vec::new(),
+            sum: Vec::new(),
+            paired: false,
+        };
+        a.quantize_into(x, m, cols, group);
+        a
+    }
+
+    /// Quantize `x: [m, cols]` for weights of group size `group` into these buffers: the same values
+    /// as [`QuantActs::new`], without allocating when the buffers already have the size (the decode
+    /// loop reuses one per activation vector).
+    pub fn quantize_into(&mut self, x: &[f32], m: usize, cols: usize, group: usize) {
         let ng = cols.div_ceil(group);
-        let paired = group.is_multiple_of(2 * BLOCK);
-        let mut q = vec![0i8; m * cols];
-        let mut d = vec![0f32; m * ng];
-        let mut sum = vec![0f32; m * ng];
+        let full = cols / group;
+        self.paired = group.is_multiple_of(2 * BLOCK);
+        self.q.resize(m * cols, 0);
+        self.d.resize(m * ng, 0.0);
+        self.sum.resize(m * ng, 0.0);
+        let backend = Backend::detect();
+        if full == ng {
+            quantize_groups(
+                &x[..m * cols],
+                group,
+                &mut self.q,
+                &mut self.d,
+                &mut self.sum,
+                backend,
+            );
+            return;
+        }
+        // A ragged last group: the whole groups of each row, then its tail (kept in plain order past
+        // its last whole pair of blocks, as the kernel reads it).
+        let cut = full * group;
         for t in 0..m {
-            for g in 0..ng {
-                let (c0, c1) = (t * cols + g * group, t * cols + ((g + 1) * group).min(cols));
-                let (xs, qs) = (&x[c0..c1], &mut q[c0..c1]);
-                let i = t * ng + g;
-                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-                sum[i] = xs.iter().sum();
-                if !(amax > 0.0 && amax.is_finite()) {
-                    continue;
-                }
-                let scale = amax / 127.0;
-                let inv = 1.0 / scale;
-                let quant = |v: f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
-                let mut done = 0;
-                if paired {
-                    for (xp, qp) in xs
-                        .chunks_exact(2 * BLOCK)
-                        .zip(qs.chunks_exact_mut(2 * BLOCK))
-                    {
-                        for j in 0..16 {
-                            qp[j] = quant(xp[j]);
-                            qp[16 + j] = quant(xp[32 + j]);
-                            qp[32 + j] = quant(xp[16 + j]);
-                            qp[48 + j] = quant(xp[48 + j]);
-                        }
-                    }
-                    done = xs.len() / (2 * BLOCK) * 2 * BLOCK;
-                }
-                for (o, v) in qs[done..].iter_mut().zip(&xs[done..]) {
-                    *o = quant(*v);
-                }
-                d[i] = scale;
+            let (xr, qr) = (
+                &x[t * cols..(t + 1) * cols],
+                &mut self.q[t * cols..(t + 1) * cols],
+            );
+            let (dr, sr) = (
+                &mut self.d[t * ng..(t + 1) * ng],
+                &mut self.sum[t * ng..(t + 1) * ng],
+            );
+            quantize_groups(
+                &xr[..cut],
+                group,
+                &mut qr[..cut],
+                &mut dr[..full],
+                &mut sr[..full],
+                backend,
+            );
+            quantize_groups_scalar(
+                &xr[cut..],
+                cols - cut,
+                self.paired,
+                &mut qr[cut..],
+                &mut dr[full..],
+                &mut sr[full..],
+            );
+        }
+    }
+}
+
+/// Quantize whole groups of activations (`x.len()` a multiple of `group`, a multiple of 32) into
+/// `q` (same length, in [`QuantActs`]' order: permuted per 64 when `group` is a multiple of 64),
+/// `d` and `sum` (one per group): the work of [`QuantActs::quantize_into`], on any run of groups, so
+/// that threads can each fill their part of one activation vector.
+///
+/// Per group: `amax = max |x|`, `d = amax / 127`, `q = round(x / d)` (as `x * (1 / d)`, ties away from
+/// zero), `sum` = the f32 sum in eight interleaved partial sums (the order of an 8-lane vector sum);
+/// a group with a non-finite value or all zeros gets `d = 0` and `q = 0`. Both backends give
+/// identical bits.
+pub fn quantize_groups(
+    x: &[f32],
+    group: usize,
+    q: &mut [i8],
+    d: &mut [f32],
+    sum: &mut [f32],
+    backend: Backend,
+) {
+    if x.is_empty() {
+        return;
+    }
+    assert!(group.is_multiple_of(BLOCK) && x.len().is_multiple_of(group));
+    let ng = x.len() / group;
+    assert!(q.len() == x.len() && d.len() == ng && sum.len() == ng);
+    let paired = group.is_multiple_of(2 * BLOCK);
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 if backend.is_available() => {
+            // SAFETY: AVX2 checked; lengths checked above.
+            unsafe { avx2::quantize_groups(x, group, paired, q, d, sum) }
+        }
+        _ => quantize_groups_scalar(x, group, paired, q, d, sum),
+    }
+}
+
+fn quantize_groups_scalar(
+    x: &[f32],
+    group: usize,
+    paired: bool,
+    q: &mut [i8],
+    d: &mut [f32],
+    sum: &mut [f32],
+) {
+    // Round half away from zero, as `f32::round`.
+    let quant = |v: f32, inv: f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
+    for (i, (xs, qs)) in x
+        .chunks_exact(group)
+        .zip(q.chunks_exact_mut(group))
+        .enumerate()
+    {
+        let mut lanes = [0f32; 8];
+        for c in xs.chunks_exact(8) {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l += v;
             }
         }
-        QuantActs { q, d, sum, paired }
+        sum[i] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+            + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+        let finite = xs.iter().all(|v| v.is_finite());
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if !(finite && amax > 0.0) {
+            d[i] = 0.0;
+            qs.fill(0);
+            continue;
+        }
+        let scale = amax / 127.0;
+        let inv = 1.0 / scale;
+        // Paired: each whole run of 64 permuted; a final odd block (ragged tail) stays in order.
+        let done = if paired {
+            for (xp, qp) in xs
+                .chunks_exact(2 * BLOCK)
+                .zip(qs.chunks_exact_mut(2 * BLOCK))
+            {
+                for j in 0..16 {
+                    qp[j] = quant(xp[j], inv);
+                    qp[16 + j] = quant(xp[32 + j], inv);
+                    qp[32 + j] = quant(xp[16 + j], inv);
+                    qp[48 + j] = quant(xp[48 + j], inv);
+                }
+            }
+            xs.len() / (2 * BLOCK) * (2 * BLOCK)
+        } else {
+            0
+        };
+        for (o, v) in qs[done..].iter_mut().zip(&xs[done..]) {
+            *o = quant(*v, inv);
+        }
+        d[i] = scale;
     }
 }
 
@@ -414,6 +582,103 @@ impl QuantActs {
 mod avx2 {
     use super::{Int4Matrix, QuantActs, BLOCK, MAX_TILE};
     use std::arch::x86_64::*;
+
+    /// Round half away from zero (as `f32::round`) in 8 lanes: nearest-even, except at exact ties.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn round_away(v: __m256) -> __m256 {
+        let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        let frac = _mm256_sub_ps(v, t);
+        let sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0));
+        let abs_frac = _mm256_andnot_ps(_mm256_set1_ps(-0.0), frac);
+        let tie = _mm256_cmp_ps(abs_frac, _mm256_set1_ps(0.5), _CMP_EQ_OQ);
+        let away = _mm256_add_ps(t, _mm256_or_ps(_mm256_set1_ps(1.0), sign));
+        let even = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_blendv_ps(even, away, tie)
+    }
+
+    /// 32 values to 32 i8 codes in order (`x * inv`, rounded, clamped to +-127).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quant32(x: *const f32, inv: __m256) -> __m256i {
+        let lim = _mm256_set1_ps(127.0);
+        let nlim = _mm256_set1_ps(-127.0);
+        let mut r = [_mm256_setzero_si256(); 4];
+        for (k, rk) in r.iter_mut().enumerate() {
+            let v = round_away(_mm256_mul_ps(_mm256_loadu_ps(x.add(8 * k)), inv));
+            *rk = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, nlim), lim));
+        }
+        // packs work per 128-bit lane: fix the dword order afterwards
+        let ab = _mm256_packs_epi32(r[0], r[1]);
+        let cd = _mm256_packs_epi32(r[2], r[3]);
+        let abcd = _mm256_packs_epi16(ab, cd);
+        _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_groups(
+        x: &[f32],
+        group: usize,
+        paired: bool,
+        q: &mut [i8],
+        d: &mut [f32],
+        sum: &mut [f32],
+    ) {
+        let absmask = _mm256_set1_ps(-0.0);
+        for (i, (xs, qs)) in x
+            .chunks_exact(group)
+            .zip(q.chunks_exact_mut(group))
+            .enumerate()
+        {
+            let xp = xs.as_ptr();
+            let mut acc = _mm256_setzero_ps();
+            let mut mx = _mm256_setzero_ps();
+            // x * 0 is 0 for finite x, NaN for inf / NaN
+            let mut bad = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < group {
+                let v = _mm256_loadu_ps(xp.add(c));
+                acc = _mm256_add_ps(acc, v);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(absmask, v));
+                bad = _mm256_or_ps(
+                    bad,
+                    _mm256_cmp_ps(
+                        _mm256_mul_ps(v, _mm256_setzero_ps()),
+                        _mm256_setzero_ps(),
+                        _CMP_NEQ_UQ,
+                    ),
+                );
+                c += 8;
+            }
+            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            sum[i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+            let m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+            if _mm256_movemask_ps(bad) != 0 || amax <= 0.0 {
+                d[i] = 0.0;
+                qs.fill(0);
+                continue;
+            }
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(1.0 / scale);
+            let qp = qs.as_mut_ptr() as *mut __m256i;
+            if paired {
+                for p in 0..group / 64 {
+                    let a = quant32(xp.add(64 * p), inv);
+                    let b = quant32(xp.add(64 * p + 32), inv);
+                    _mm256_storeu_si256(qp.add(2 * p), _mm256_permute2x128_si256(a, b, 0x20));
+                    _mm256_storeu_si256(qp.add(2 * p + 1), _mm256_permute2x128_si256(a, b, 0x31));
+                }
+            } else {
+                for p in 0..group / 32 {
+                    _mm256_storeu_si256(qp.add(p), quant32(xp.add(32 * p), inv));
+                }
+            }
+            d[i] = scale;
+        }
+    }
 
     /// How far ahead of the block being multiplied the packed weights are prefetched. The hardware
     /// prefetcher alone left the cold 4096 x 4096 GEMV at ~11 GB/s on the 2-core dev VM; 2-8 KiB
@@ -632,7 +897,31 @@ mod avx2 {
         assert!(r1 <= w.rows && out.len() == len * m);
         assert!(a.q.len() == m * w.cols && a.d.len() == m * ng);
         assert!(a.paired == w.group.is_multiple_of(2 * BLOCK));
-        let mut f = vec![0f32; MAX_TILE * ng];
+        SCRATCH.with(|cell| {
+            let mut f = cell.borrow_mut();
+            if f.len() < MAX_TILE * ng {
+                f.resize(MAX_TILE * ng, 0.0);
+            }
+            rows_with(w, a, m, r0, r1, out, &mut f[..MAX_TILE * ng]);
+        });
+    }
+
+    thread_local! {
+        /// Per-thread scratch for the group factors (kept between calls: no allocation per product).
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_with(
+        w: &Int4Matrix,
+        a: &QuantActs,
+        m: usize,
+        r0: usize,
+        r1: usize,
+        out: &mut [f32],
+        f: &mut [f32],
+    ) {
+        let len = r1 - r0;
         let pairs = if a.paired { w.group / (2 * BLOCK) } else { 0 };
         let mut t0 = 0;
         while t0 < m {
@@ -641,10 +930,10 @@ mod avx2 {
             macro_rules! run {
                 ($($n:literal)*) => {
                     match (nt, a.paired, pairs) {
-                        $(($n, true, 1) => tile::<$n, true, 1>(w, a, t0, r0, r1, o, &mut f),
-                          ($n, true, 2) => tile::<$n, true, 2>(w, a, t0, r0, r1, o, &mut f),
-                          ($n, true, _) => tile::<$n, true, 0>(w, a, t0, r0, r1, o, &mut f),
-                          ($n, false, _) => tile::<$n, false, 0>(w, a, t0, r0, r1, o, &mut f),)*
+                        $(($n, true, 1) => tile::<$n, true, 1>(w, a, t0, r0, r1, o, f),
+                          ($n, true, 2) => tile::<$n, true, 2>(w, a, t0, r0, r1, o, f),
+                          ($n, true, _) => tile::<$n, true, 0>(w, a, t0, r0, r1, o, f),
+                          ($n, false, _) => tile::<$n, false, 0>(w, a, t0, r0, r1, o, f),)*
                         _ => unreachable!("tiles hold 1..=MAX_TILE tokens"),
                     }
                 };

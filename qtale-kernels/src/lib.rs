@@ -7,8 +7,19 @@
 //!   call, `maddubs` integer dot products, one float FMA per group and token, up to 8 tokens per
 //!   pass over the weights) and a scalar f32 reference, multithreaded by output-row chunks on rayon's
 //!   pool.
+//! * [`int8`]: ggml-Q8_0-style int8 weights (one f16 scale per 32) and their row kernels, for the tied
+//!   LM head that SmolLM2's GGUF stores in Q8_0.
+//! * [`ops`]: the f32 ops of one LLaMA decoder step at batch 1 (RMSNorm, RoPE, one-token attention
+//!   over a KV cache, SwiGLU, f32 GEMV), each with a scalar reference.
+//! * [`pool`]: a persistent thread team with a spin barrier, for running a decode step's ops on all
+//!   cores with one wake-up per step instead of one fan-out per op.
 pub mod int4;
+pub mod int8;
+pub mod ops;
 pub mod pack;
+pub mod pool;
+
+pub use int4::Backend;
 
 /// Errors of the kernel crate: always name the offending quantity.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

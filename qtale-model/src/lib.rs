@@ -10,6 +10,8 @@
 //!   decoder layer runs on any subset of tokens with given positions (the router crate relies on it).
 //! * [`decoder`]: the [`decoder::Decoder`] interface every model variant answers through (scorers,
 //!   perplexity, theta calibration), with FLOPs and execution accounting.
+//! * [`native`]: a native CPU batch-1 decoder over the same weights (no libtorch in the decode step),
+//!   built from a loaded [`Llama`]; prefill can stay in tch and hand over its KV cache.
 //! * [`convert`]: GGUF -> HF directory (safetensors + config.json + tokenizer.json).
 //! * [`ptq`]: the LLaMA driver of post-training quantization (any `qtale_quant` method by name, block by
 //!   block on calibration windows); [`quantized_io`]: quantized checkpoints (a delta over the base, or
@@ -23,6 +25,7 @@ pub mod error;
 pub mod gguf;
 pub mod load;
 pub mod model;
+pub mod native;
 pub mod ptq;
 pub mod quantized_io;
 pub mod tokenizer;

@@ -32,6 +32,11 @@ pub trait Linear: std::fmt::Debug + Send {
     fn packed(&self) -> Option<&GptqPacked> {
         None
     }
+    /// The weight in the int4 CPU kernel's format, for linears that hold one (packed 4-bit with
+    /// in-order groups): the native decoder runs those through the kernel instead of `weight()`.
+    fn int4(&self) -> Option<&Int4Matrix> {
+        None
+    }
 }
 
 /// Bytes of a tensor's elements.
@@ -190,5 +195,8 @@ impl Linear for QuantLinear {
     }
     fn packed(&self) -> Option<&GptqPacked> {
         Some(&self.packed)
+    }
+    fn int4(&self) -> Option<&Int4Matrix> {
+        self.kernel.as_ref()
     }
 }
