@@ -20,7 +20,8 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind};
 
 use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
-use qtale_eval::report::{git_state, model_hash, utc_now};
+use qtale_eval::provenance::{Numerics, Provenance};
+use qtale_eval::report::model_hash;
 use qtale_eval::run::{evaluate_task, TaskResult};
 use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
 use qtale_model::ptq::{quantize_model, PtqOptions};
@@ -35,6 +36,7 @@ use qtale_router::{routed_nll, CalibBatch, RoutedLlama, ThetaReport, ThetaRule};
 use qtale_train::lora::Lora;
 use qtale_train::trainer::TrainConfig;
 
+use crate::stage::{write_json_atomic, StageLock};
 use crate::training::{run_training, DataSpec, TrainOutcome};
 
 /// Fine-tuning of routers + LoRA: a preset of `qtale_train` with field overrides.
@@ -284,6 +286,10 @@ pub struct Env {
     pub out: PathBuf,
     /// Recompute stages and cells even when cached.
     pub fresh: bool,
+    /// Reuse finished cells computed under other numerics (marked stale in tables).
+    pub reuse_stale: bool,
+    /// Reference results (`results.json`) the run's table is compared with.
+    pub reference: Option<PathBuf>,
     /// Task data root.
     pub data_root: PathBuf,
     pub quiet: bool,
@@ -292,6 +298,22 @@ pub struct Env {
 impl Env {
     pub fn cell_path(&self, key: &str) -> PathBuf {
         self.out.join("cells").join(format!("{key}.json"))
+    }
+    /// The numerics of this run (cells compute in f32 on `device`).
+    pub fn numerics(&self) -> Numerics {
+        Numerics::current(self.device, Kind::Float)
+    }
+    pub fn provenance(&self) -> Provenance {
+        Provenance::current(self.device, Kind::Float)
+    }
+}
+
+/// Why a stored cell may not stand for this run: the numerics fields that differ (all of them when
+/// it records none).
+pub fn stale_reasons(stored: &CellResult, env: &Env) -> Vec<String> {
+    match &stored.provenance {
+        Some(p) => env.numerics().differences(&p.numerics),
+        None => vec!["the cell records no provenance (computed before it was recorded)".into()],
     }
 }
 
@@ -374,9 +396,13 @@ pub struct CellResult {
     pub flops_rel_dense: f64,
     /// Weights as stored (packed linears + dense rest + routers).
     pub weight_bytes: usize,
-    pub git_revision: Option<String>,
-    pub git_dirty: Option<bool>,
-    pub date_utc: String,
+    /// What computed the cell (revision, versions, device, dtype, threads, host, Slurm ids).
+    #[serde(default)]
+    pub provenance: Option<Provenance>,
+    /// Set when the cell was reused under `--reuse-stale` although its numerics differ from the
+    /// run's: the differing fields. Tables mark such cells.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale: Vec<String>,
     pub wall_s: f64,
 }
 
@@ -390,17 +416,6 @@ impl CellResult {
             .and_then(|t| t.chosen.as_ref())
             .map(|p| p.theta)
     }
-}
-
-fn write_json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
@@ -437,10 +452,47 @@ impl Base {
     }
 }
 
-fn train_key(base: &Base, spec: &TrainSpec) -> Result<String> {
+/// The training stage's key: base model, resolved config, data, and the numerics it runs under.
+fn train_key(base: &Base, spec: &TrainSpec, env: &Env) -> Result<String> {
     Ok(key_of(&serde_json::json!({
         "stage": "train", "model": base.id(), "config": spec.resolve()?, "data": spec.data,
+        "numerics": env.numerics(),
     })))
+}
+
+/// The quantization stage's key: its parent (base model and training), the spec as written (the
+/// model decides the rest), and the numerics.
+fn quant_key(parent: &Value, spec: &QuantSpec, env: &Env) -> String {
+    key_of(&serde_json::json!({"stage": "quant", "parent": parent, "spec": spec,
+        "numerics": env.numerics()}))
+}
+
+/// The stages a cell needs, as `(stage, directory)`, for `--list` and Slurm bookkeeping.
+pub fn stage_dirs(cell: &CellConfig, env: &Env) -> Result<Vec<(&'static str, PathBuf)>> {
+    let base = Base::new(cell.model.as_deref())?;
+    let mut out = Vec::new();
+    if let Some(spec) = &cell.train {
+        if let Some(from) = &spec.from {
+            out.push(("train", qtale_model::load::qtale_home().join(from)));
+        } else {
+            out.push(("train", env.cache.join("train").join(train_key(&base, spec, env)?)));
+        }
+    }
+    if let Some(q) = &cell.quant {
+        let parent = quant_parent(&base, cell, env)?;
+        out.push(("quant", env.cache.join("quant").join(quant_key(&parent, q, env))));
+    }
+    Ok(out)
+}
+
+fn quant_parent(base: &Base, cell: &CellConfig, env: &Env) -> Result<Value> {
+    Ok(serde_json::json!({"model": base.id(),
+        "train": cell.train.as_ref().map(|s| train_key(base, s, env)).transpose()?}))
+}
+
+/// Record what produced a stage next to its artefacts.
+fn write_stage_provenance(dir: &Path, env: &Env) -> Result<()> {
+    write_json_atomic(&dir.join("provenance.json"), &env.provenance())
 }
 
 /// Run (or reuse, or resume) the training stage.
@@ -448,8 +500,10 @@ fn stage_train(base: &Base, spec: &TrainSpec, env: &Env) -> Result<(PathBuf, Tra
     if let Some(run) = &spec.from {
         return finished_run(base, run, spec);
     }
-    let dir = env.cache.join("train").join(train_key(base, spec)?);
+    let dir = env.cache.join("train").join(train_key(base, spec, env)?);
     let done = dir.join("done.json");
+    // One process trains; others sharing the cache wait here, then read its result.
+    let _lock = StageLock::acquire(&dir, env.quiet)?;
     if done.is_file() && !env.fresh {
         return Ok((dir.clone(), read_json(&done)?));
     }
@@ -466,6 +520,7 @@ fn stage_train(base: &Base, spec: &TrainSpec, env: &Env) -> Result<(PathBuf, Tra
         env.quiet,
     )?;
     out.model = Some(base.id());
+    write_stage_provenance(&dir, env)?;
     write_json_atomic(&done, &out)?;
     Ok((dir, out))
 }
@@ -561,12 +616,9 @@ fn stage_quant(
     env: &Env,
 ) -> Result<QuantOutcome> {
     let (method, qc) = spec.resolve(&lm.model)?;
-    let key = key_of(
-        &serde_json::json!({"stage": "quant", "parent": parent, "method": method.name(),
-        "options": spec.options, "config": qc, "calib": [spec.calib_sequences, spec.calib_len]}),
-    );
-    let dir = env.cache.join("quant").join(key);
+    let dir = env.cache.join("quant").join(quant_key(parent, spec, env));
     let done = dir.join("done.json");
+    let _lock = StageLock::acquire(&dir, env.quiet)?;
     if done.is_file() && !env.fresh {
         load_quantized(&mut lm.model, &dir, true)
             .with_context(|| format!("loading quantized weights from {}", dir.display()))?;
@@ -609,6 +661,7 @@ fn stage_quant(
     };
     let summary = quantize_model(&mut lm.model, &calib, &*method, &qc, &opts)?;
     save_quantized(&lm.model, &summary, &dir)?;
+    write_stage_provenance(&dir, env)?;
     let out = QuantOutcome {
         method: method.name().to_string(),
         config: qc,
@@ -700,8 +753,7 @@ pub fn build_model(cell: &CellConfig, env: &Env) -> Result<Built> {
         trained.as_ref().map(|(d, o)| (d.as_path(), &o.config)),
         env,
     )?;
-    let parent = serde_json::json!({"model": base.id(),
-        "train": cell.train.as_ref().map(|s| train_key(&base, s)).transpose()?});
+    let parent = quant_parent(&base, cell, env)?;
     let quant = match &cell.quant {
         Some(q) => Some(stage_quant(&mut lm, &parent, q, env)?),
         None => None,
@@ -745,13 +797,34 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
     let t0 = Instant::now();
     let key = key_for(cell)?;
     let path = env.cell_path(&key);
+    // One process computes a cell; another one running the same cell waits and reuses it.
+    let _lock = StageLock::acquire(&path, env.quiet)?;
     if path.is_file() && !env.fresh {
         // The key excludes the name: a cell finished under another experiment's label is reused
         // under this one's.
         let mut r: CellResult = read_json(&path)?;
         r.name = cell.name.clone();
         r.config.name = cell.name.clone();
-        return Ok(r);
+        let stale = stale_reasons(&r, env);
+        if stale.is_empty() {
+            return Ok(r);
+        }
+        if env.reuse_stale {
+            eprintln!(
+                "cell `{}`: reusing a result computed under other numerics (--reuse-stale): {}",
+                cell.name,
+                stale.join("; ")
+            );
+            r.stale = stale;
+            return Ok(r);
+        }
+        if !env.quiet {
+            println!(
+                "cell `{}`: stored result computed under other numerics ({}): recomputing",
+                cell.name,
+                stale.join("; ")
+            );
+        }
     }
     if !env.quiet {
         println!("== cell `{}` ({key})", cell.name);
@@ -793,7 +866,6 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
         .then(|| wavg(&|t: &TaskRow| t.exec_ratio.unwrap_or(1.0)));
     let flops = wavg(&|t: &TaskRow| t.flops_rel_dense);
     let (csqa7, csqa7_stderr) = csqa7_of(&tasks);
-    let (rev, dirty) = git_state();
     let res = CellResult {
         key: key.clone(),
         name: cell.name.clone(),
@@ -812,9 +884,8 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
         exec_ratio,
         flops_rel_dense: flops,
         weight_bytes,
-        git_revision: rev,
-        git_dirty: dirty,
-        date_utc: utc_now(),
+        provenance: Some(env.provenance()),
+        stale: Vec::new(),
         wall_s: t0.elapsed().as_secs_f64(),
     };
     write_json_atomic(&path, &res)?;

@@ -16,11 +16,12 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use qtale_eval::report::git_state;
 use qtale_eval::TaskId;
 use qtale_model::load::{parse_device, qtale_home};
 
-use crate::cell::{merge_json, run_cell, CellConfig, CellResult, Env};
+use crate::cell::{
+    merge_json, run_cell, stage_dirs, stale_reasons, CellConfig, CellResult, Env,
+};
 
 /// Derives placeholder values (`$name`) from the first cell's result.
 pub type VarsFn = dyn Fn(&CellResult) -> HashMap<String, Value>;
@@ -43,15 +44,27 @@ pub struct GridArgs {
     /// Override the training steps of every routed cell.
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Results directory (default: results/<binary>).
+    /// Results directory (default: out/<binary>, git-ignored; the committed results/<binary> is the
+    /// reference the run is compared with, never read as a cache).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Reference results to compare with (a results.json or its directory; default: the committed
+    /// results/<binary> when it exists). `none` compares with nothing.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
     /// Stage cache (trained routers, quantized weights); default: $QTALE_HOME/cache.
     #[arg(long)]
     pub cache: Option<PathBuf>,
     /// Recompute cached stages and finished cells.
     #[arg(long)]
     pub fresh: bool,
+    /// Reuse finished cells although they were computed under other numerics (numerics version,
+    /// tch/libtorch version, device, dtype, threads); the table marks them with `*`.
+    #[arg(long)]
+    pub reuse_stale: bool,
+    /// With --merge: tabulate cells computed by different code revisions or numerics together.
+    #[arg(long)]
+    pub allow_mixed: bool,
     /// Run only cell N (0-based, as `--list` numbers them): one Slurm array task per cell.
     #[arg(long)]
     pub cell: Option<usize>,
@@ -270,14 +283,101 @@ pub fn env_of(a: &GridArgs, binary: &str) -> Result<Env> {
         out: a
             .out
             .clone()
-            .unwrap_or_else(|| PathBuf::from("results").join(binary)),
+            .unwrap_or_else(|| PathBuf::from("out").join(binary)),
         fresh: a.fresh,
+        reuse_stale: a.reuse_stale,
+        reference: reference_of(a, binary),
         data_root: a
             .data
             .clone()
             .unwrap_or_else(qtale_eval::tasks::default_data_root),
         quiet: a.quiet,
     })
+}
+
+/// `--reference`, or the committed `results/<binary>/results.json` when it exists.
+fn reference_of(a: &GridArgs, binary: &str) -> Option<PathBuf> {
+    let p = match &a.reference {
+        Some(p) if p.as_os_str() == "none" => return None,
+        Some(p) => p.clone(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("results")
+            .join(binary),
+    };
+    let p = if p.is_dir() { p.join("results.json") } else { p };
+    (a.reference.is_some() || p.is_file()).then_some(p)
+}
+
+/// Compare the run's headline numbers with the reference results, cell by cell (matched by name)
+/// and task by task: a number agrees when it is within the reference's standard error of it.
+/// Returns the printed report.
+pub fn compare_with_reference(reference: &Path, results: &[CellResult]) -> Result<String> {
+    #[derive(Deserialize)]
+    struct RefFile {
+        cells: Vec<CellResult>,
+    }
+    let text = std::fs::read_to_string(reference)
+        .with_context(|| format!("reading the reference {}", reference.display()))?;
+    let r: RefFile = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the reference {}", reference.display()))?;
+    let mut out = format!(
+        "comparison with the reference {} (agree: |ours - reference| <= the reference's standard error)\n",
+        reference.display()
+    );
+    out += &format!(
+        "{:<28} {:<14} {:>8} {:>8} {:>7} {:>6}  agree\n",
+        "variant", "metric", "ours", "ref", "diff", "se"
+    );
+    let (mut n, mut agree) = (0, 0);
+    let mut line = |out: &mut String, name: &str, metric: &str, ours: f64, theirs: f64, se: f64| {
+        let ok = (ours - theirs).abs() <= se + 1e-12;
+        n += 1;
+        agree += ok as usize;
+        *out += &format!(
+            "{name:<28} {metric:<14} {:>8.1} {:>8.1} {:>+7.1} {:>6.1}  {}\n",
+            100.0 * ours,
+            100.0 * theirs,
+            100.0 * (ours - theirs),
+            100.0 * se,
+            if ok { "yes" } else { "NO" }
+        );
+    };
+    for ours in results {
+        let Some(theirs) = r.cells.iter().find(|c| c.name == ours.name) else {
+            out += &format!("{:<28} (no reference cell of this name)\n", ours.name);
+            continue;
+        };
+        for t in &ours.tasks {
+            if let Some(rt) = theirs.task(&t.task) {
+                if rt.n == t.n {
+                    line(&mut out, &ours.name, &t.task, t.score, rt.score, rt.score_stderr);
+                } else {
+                    out += &format!(
+                        "{:<28} {:<14} docs differ ({} here, {} in the reference)\n",
+                        ours.name, t.task, t.n, rt.n
+                    );
+                }
+            }
+        }
+        if let (Some(a), Some(b), Some(se)) = (ours.csqa7, theirs.csqa7, theirs.csqa7_stderr) {
+            line(&mut out, &ours.name, "CSQA-7", a, b, se);
+        }
+    }
+    let revs: std::collections::BTreeSet<String> = r
+        .cells
+        .iter()
+        .map(|c| {
+            c.provenance
+                .as_ref()
+                .map_or("unrecorded".into(), |p| p.revision_label())
+        })
+        .collect();
+    out += &format!(
+        "{agree} of {n} numbers agree with the reference (reference revision: {})\n",
+        revs.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    Ok(out)
 }
 
 /// The default config path of a binary.
@@ -318,6 +418,7 @@ pub fn run_grid(
     }
     let mut results = Vec::new();
     let mut failures = Vec::new();
+    let mut missing = Vec::new();
     for (i, v) in raw.iter().enumerate() {
         let mut v = v.clone();
         if has_placeholder(&v) {
@@ -347,11 +448,28 @@ pub fn run_grid(
         let key = crate::cell::key_for(&cell)?;
         let done = env.cell_path(&key).is_file();
         if a.list {
-            println!(
-                "{i:>3}  {:<40} {key}  {}",
-                cell.name,
-                if done { "done" } else { "todo" }
-            );
+            let state = if !done {
+                "todo".to_string()
+            } else {
+                let r: CellResult = serde_json::from_str(&std::fs::read_to_string(
+                    env.cell_path(&key),
+                )?)?;
+                let stale = stale_reasons(&r, &env);
+                if stale.is_empty() {
+                    "done".into()
+                } else {
+                    format!("stale ({})", stale.join("; "))
+                }
+            };
+            println!("{i:>3}  {:<40} cell {key}  {state}", cell.name);
+            for (stage, dir) in stage_dirs(&cell, &env)? {
+                let st = if dir.join("done.json").is_file() {
+                    "done"
+                } else {
+                    "todo"
+                };
+                println!("       {stage:<6} {}  {st}", dir.display());
+            }
             continue;
         }
         if a.cell.is_some_and(|n| n != i) {
@@ -366,6 +484,7 @@ pub fn run_grid(
                 results.push(r);
             } else {
                 println!("cell {i} `{}` is not finished", cell.name);
+                missing.push(format!("{i} `{}`", cell.name));
             }
             continue;
         }
@@ -384,7 +503,51 @@ pub fn run_grid(
             failures.join("\n")
         );
     }
+    if a.merge {
+        check_one_origin(&results, a.allow_mixed)?;
+        if !missing.is_empty() {
+            // The finished part is still tabulated, but the run is not a success.
+            write_outputs(&env, &file, &results)?;
+            bail!(
+                "{} of {} cells are not finished: {}",
+                missing.len(),
+                missing.len() + results.len(),
+                missing.join(", ")
+            );
+        }
+    }
     Ok((env, file, results))
+}
+
+/// A table must not mix cells computed by different code revisions or numerics unless asked to.
+fn check_one_origin(results: &[CellResult], allow_mixed: bool) -> Result<()> {
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for r in results {
+        let origin = match &r.provenance {
+            Some(p) => format!(
+                "revision {} with {}",
+                p.revision_label(),
+                serde_json::to_string(&p.numerics)?
+            ),
+            None => "no recorded provenance".to_string(),
+        };
+        match groups.iter_mut().find(|(o, _)| *o == origin) {
+            Some((_, names)) => names.push(&r.name),
+            None => groups.push((origin, vec![&r.name])),
+        }
+    }
+    if groups.len() > 1 && !allow_mixed {
+        let list: Vec<String> = groups
+            .iter()
+            .map(|(o, n)| format!("  {o}: {}", n.join(", ")))
+            .collect();
+        bail!(
+            "--merge: the cells were computed by different code revisions or numerics \
+             (rerun the odd ones, or pass --allow-mixed to tabulate them together):\n{}",
+            list.join("\n")
+        );
+    }
+    Ok(())
 }
 
 /// The tasks that appear in any result, in the harness's order.
@@ -425,7 +588,8 @@ pub fn format_table(results: &[CellResult]) -> String {
         .map(|r| r.name.len())
         .max()
         .unwrap_or(4)
-        .max(8);
+        .max(8)
+        + 1;
     let mut s = format!("{:<w$}", "variant");
     for t in &tasks {
         s += &format!(" {:>6}", short(*t));
@@ -435,7 +599,12 @@ pub fn format_table(results: &[CellResult]) -> String {
         "CSQA-7", "ppl", "ratio", "FLOPs", "theta", "W MB"
     );
     for r in results {
-        s += &format!("{:<w$}", r.name);
+        let name = if r.stale.is_empty() {
+            r.name.clone()
+        } else {
+            format!("{}*", r.name)
+        };
+        s += &format!("{name:<w$}");
         for t in &tasks {
             s += &format!(
                 " {:>6}",
@@ -528,7 +697,10 @@ pub fn write_csv(path: &Path, results: &[CellResult]) -> Result<()> {
             o(r.calib_nll),
             o(r.calib_nll_reference),
             r.config.eval.limit.map_or("all".into(), |l| l.to_string()),
-            r.git_revision.clone().unwrap_or_default(),
+            r.provenance
+                .as_ref()
+                .map(|p| p.revision_label())
+                .unwrap_or_default(),
             format!("{:.1}", r.wall_s),
         ]);
         w.write_record(&row)?;
@@ -541,9 +713,8 @@ pub fn write_csv(path: &Path, results: &[CellResult]) -> Result<()> {
 #[derive(Serialize)]
 struct Report<'a> {
     experiment: &'a ExperimentFile,
-    git_revision: Option<String>,
-    git_dirty: Option<bool>,
-    date_utc: String,
+    /// The process that wrote this file (each cell records its own).
+    provenance: qtale_eval::provenance::Provenance,
     cells: &'a [CellResult],
 }
 
@@ -569,12 +740,12 @@ pub fn write_outputs(env: &Env, file: &ExperimentFile, results: &[CellResult]) -
     let mut f = std::fs::File::create(env.out.join("table.txt"))?;
     f.write_all(table.as_bytes())?;
     write_csv(&env.out.join("results.csv"), results)?;
-    let (rev, dirty) = git_state();
+    if results.iter().any(|r| !r.stale.is_empty()) {
+        println!("* reused under --reuse-stale: computed under other numerics (see `stale` in results.json)");
+    }
     let rep = Report {
         experiment: file,
-        git_revision: rev,
-        git_dirty: dirty,
-        date_utc: qtale_eval::report::utc_now(),
+        provenance: env.provenance(),
         cells: results,
     };
     std::fs::write(
@@ -585,6 +756,19 @@ pub fn write_outputs(env: &Env, file: &ExperimentFile, results: &[CellResult]) -
         "wrote {}/{{table.txt,results.csv,results.json}} and cells/",
         env.out.display()
     );
+    if let Some(r) = &env.reference {
+        let same = std::fs::canonicalize(r).ok()
+            == std::fs::canonicalize(env.out.join("results.json")).ok();
+        if !same {
+            match compare_with_reference(r, results) {
+                Ok(rep) => {
+                    println!("\n{rep}");
+                    std::fs::write(env.out.join("reference_comparison.txt"), rep)?;
+                }
+                Err(e) => eprintln!("warning: no comparison with the reference: {e:#}"),
+            }
+        }
+    }
     Ok(())
 }
 

@@ -18,6 +18,7 @@ pub mod encode;
 pub mod error;
 pub mod metrics;
 pub mod ppl;
+pub mod provenance;
 pub mod report;
 pub mod run;
 pub mod scorer;
