@@ -12,8 +12,9 @@
 //! * [`Backend::Avx2`] (chosen at run time when the CPU has AVX2 and FMA): each token's activations are
 //!   quantized once per call to int8 with one scale per weight group (symmetric, round to nearest), the
 //!   inner loop multiplies unsigned nibbles by signed int8 with `vpmaddubsw`/`vpmaddwd` into i32, and
-//!   each group costs one float FMA; the zero-point term uses the exact f32 sum of the group's
-//!   activations. Its only error against the reference is the int8 rounding of the activations (all
+//!   each group costs one float FMA; the zero-point term uses the sum of the group's quantized
+//!   activations (see [`QuantActs`]), so the product is that of the dequantized activations with the
+//!   weights: its only error against the reference is the int8 rounding of the activations (all
 //!   integer sums are exact). When the group spans an even number of blocks (group 64, 128, ...) the
 //!   activations are stored permuted per pair of blocks (see [`QuantActs`]) so that one 32-byte load
 //!   and one shift unpack 64 weights, with no per-block broadcast or variable shift.
@@ -404,7 +405,16 @@ pub fn default_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Activations quantized to int8, one scale per (token, weight group), plus the exact f32 group sums.
+/// Activations quantized to int8, one scale per (token, weight group), plus the group sums of the
+/// dequantized activations, `d * sum(q)`.
+///
+/// The sums feed the weights' zero-point term, `sum_c x[c] s (q[c] - z) = s sum_c x[c] q[c] - s z
+/// sum_c x[c]`. Both terms must see the same (quantized) activations: then the kernel computes the
+/// exact product of the dequantized activations with the dequantized weights, whose error against
+/// f32 activations is `sum_c (x'[c] - x[c]) W[r, c]`. The exact f32 sum of `x` in the second term
+/// instead leaves `s sum_c (x'[c] - x[c]) q[c]`, the rounding errors weighted by the uncentered codes
+/// (0..15) rather than by the weights: on SmolLM2-135M (int4 g64) that made the logits' error against
+/// f32 activations 2-6x larger, and its size swung by 2x with the f32 summation order of the sums.
 ///
 /// With `paired` (groups of an even number of blocks) each run of 64 activations `x[0..64]` (blocks
 /// `b`, `b + 1`) is stored as `x[0..16], x[32..48], x[16..32], x[48..64]`: the order of the low
@@ -494,9 +504,9 @@ impl QuantActs {
 /// that threads can each fill their part of one activation vector.
 ///
 /// Per group: `amax = max |x|`, `d = amax / 127`, `q = round(x / d)` (as `x * (1 / d)`, ties away from
-/// zero), `sum` = the f32 sum in eight interleaved partial sums (the order of an 8-lane vector sum);
-/// a group with a non-finite value or all zeros gets `d = 0` and `q = 0`. Both backends give
-/// identical bits.
+/// zero), `sum = d * (sum of the codes)` (the sum of the dequantized activations, see [`QuantActs`]);
+/// a group with a non-finite value or all zeros gets `d = 0`, `q = 0` and `sum` = the f32 sum of `x`
+/// (0, or inf / NaN, which the product then carries). Both backends give identical bits.
 pub fn quantize_groups(
     x: &[f32],
     group: usize,
@@ -537,18 +547,12 @@ fn quantize_groups_scalar(
         .zip(q.chunks_exact_mut(group))
         .enumerate()
     {
-        let mut lanes = [0f32; 8];
-        for c in xs.chunks_exact(8) {
-            for (l, v) in lanes.iter_mut().zip(c) {
-                *l += v;
-            }
-        }
-        sum[i] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
-            + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
         let finite = xs.iter().all(|v| v.is_finite());
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         if !(finite && amax > 0.0) {
             d[i] = 0.0;
+            // 0 for a zero group; inf or NaN (whatever the order) for a non-finite one
+            sum[i] = xs.iter().sum();
             qs.fill(0);
             continue;
         }
@@ -575,6 +579,7 @@ fn quantize_groups_scalar(
             *o = quant(*v, inv);
         }
         d[i] = scale;
+        sum[i] = scale * qs.iter().map(|&c| c as i32).sum::<i32>() as f32;
     }
 }
 
@@ -615,6 +620,15 @@ mod avx2 {
         _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
     }
 
+    /// 32 i8 codes summed into 8 i32 lanes (4 codes each).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn code_sums(v: __m256i) -> __m256i {
+        // u8 ones times the signed codes: pairs in i16, then quads in i32 (no saturation)
+        let pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), v);
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn quantize_groups(
         x: &[f32],
@@ -631,14 +645,12 @@ mod avx2 {
             .enumerate()
         {
             let xp = xs.as_ptr();
-            let mut acc = _mm256_setzero_ps();
             let mut mx = _mm256_setzero_ps();
             // x * 0 is 0 for finite x, NaN for inf / NaN
             let mut bad = _mm256_setzero_ps();
             let mut c = 0;
             while c < group {
                 let v = _mm256_loadu_ps(xp.add(c));
-                acc = _mm256_add_ps(acc, v);
                 mx = _mm256_max_ps(mx, _mm256_andnot_ps(absmask, v));
                 bad = _mm256_or_ps(
                     bad,
@@ -650,33 +662,45 @@ mod avx2 {
                 );
                 c += 8;
             }
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            sum[i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
             let m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
             let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
             let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
             if _mm256_movemask_ps(bad) != 0 || amax <= 0.0 {
                 d[i] = 0.0;
+                // as the scalar version: 0, or inf / NaN
+                sum[i] = xs.iter().sum();
                 qs.fill(0);
                 continue;
             }
             let scale = amax / 127.0;
             let inv = _mm256_set1_ps(1.0 / scale);
             let qp = qs.as_mut_ptr() as *mut __m256i;
+            // the integer sum of the codes, in i32 lanes
+            let mut qsum = _mm256_setzero_si256();
             if paired {
                 for p in 0..group / 64 {
                     let a = quant32(xp.add(64 * p), inv);
                     let b = quant32(xp.add(64 * p + 32), inv);
+                    qsum = _mm256_add_epi32(qsum, code_sums(a));
+                    qsum = _mm256_add_epi32(qsum, code_sums(b));
                     _mm256_storeu_si256(qp.add(2 * p), _mm256_permute2x128_si256(a, b, 0x20));
                     _mm256_storeu_si256(qp.add(2 * p + 1), _mm256_permute2x128_si256(a, b, 0x31));
                 }
             } else {
                 for p in 0..group / 32 {
-                    _mm256_storeu_si256(qp.add(p), quant32(xp.add(32 * p), inv));
+                    let a = quant32(xp.add(32 * p), inv);
+                    qsum = _mm256_add_epi32(qsum, code_sums(a));
+                    _mm256_storeu_si256(qp.add(p), a);
                 }
             }
+            let s = _mm_add_epi32(
+                _mm256_castsi256_si128(qsum),
+                _mm256_extracti128_si256(qsum, 1),
+            );
+            let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
             d[i] = scale;
+            sum[i] = scale * _mm_cvtsi128_si32(s) as f32;
         }
     }
 

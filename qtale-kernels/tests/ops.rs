@@ -420,14 +420,28 @@ fn activation_quantizer_simd_equals_scalar() {
             assert_eq!(a.0, b.0, "codes, group {group}");
             assert_eq!(a.1, b.1, "scales, group {group}");
             assert_eq!(
-                a.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()[..2],
-                b.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()[..2],
+                a.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "sums, group {group}"
             );
         }
-        let (q, d, _) = &outs[0];
+        let (q, d, s) = &outs[0];
         assert_eq!(d[1], 1.0);
         assert_eq!((d[2], d[3]), (0.0, 0.0));
+        // sums: of the dequantized codes (what the zero-point term must see); a non-finite group
+        // carries its inf, a zero group sums to 0
+        for g in 0..2 {
+            let codes: i32 = q[g * group..(g + 1) * group]
+                .iter()
+                .map(|&c| c as i32)
+                .sum();
+            assert_eq!(
+                s[g].to_bits(),
+                (d[g] * codes as f32).to_bits(),
+                "sum, g {g}"
+            );
+        }
+        assert_eq!((s[2], s[3]), (f32::INFINITY, 0.0));
         assert!(q[2 * group..].iter().all(|&c| c == 0));
         let paired = group % 64 == 0;
         // undo the per-64 permutation
