@@ -463,8 +463,10 @@ fn train_key(base: &Base, spec: &TrainSpec, env: &Env) -> Result<String> {
 /// The quantization stage's key: its parent (base model and training), the spec as written (the
 /// model decides the rest), and the numerics.
 fn quant_key(parent: &Value, spec: &QuantSpec, env: &Env) -> String {
-    key_of(&serde_json::json!({"stage": "quant", "parent": parent, "spec": spec,
-        "numerics": env.numerics()}))
+    key_of(
+        &serde_json::json!({"stage": "quant", "parent": parent, "spec": spec,
+        "numerics": env.numerics()}),
+    )
 }
 
 /// The stages a cell needs, as `(stage, directory)`, for `--list` and Slurm bookkeeping.
@@ -475,12 +477,18 @@ pub fn stage_dirs(cell: &CellConfig, env: &Env) -> Result<Vec<(&'static str, Pat
         if let Some(from) = &spec.from {
             out.push(("train", qtale_model::load::qtale_home().join(from)));
         } else {
-            out.push(("train", env.cache.join("train").join(train_key(&base, spec, env)?)));
+            out.push((
+                "train",
+                env.cache.join("train").join(train_key(&base, spec, env)?),
+            ));
         }
     }
     if let Some(q) = &cell.quant {
         let parent = quant_parent(&base, cell, env)?;
-        out.push(("quant", env.cache.join("quant").join(quant_key(&parent, q, env))));
+        out.push((
+            "quant",
+            env.cache.join("quant").join(quant_key(&parent, q, env)),
+        ));
     }
     Ok(out)
 }

@@ -19,9 +19,7 @@ use serde_json::Value;
 use qtale_eval::TaskId;
 use qtale_model::load::{parse_device, qtale_home};
 
-use crate::cell::{
-    merge_json, run_cell, stage_dirs, stale_reasons, CellConfig, CellResult, Env,
-};
+use crate::cell::{merge_json, run_cell, stage_dirs, stale_reasons, CellConfig, CellResult, Env};
 
 /// Derives placeholder values (`$name`) from the first cell's result.
 pub type VarsFn = dyn Fn(&CellResult) -> HashMap<String, Value>;
@@ -305,7 +303,11 @@ fn reference_of(a: &GridArgs, binary: &str) -> Option<PathBuf> {
             .join("results")
             .join(binary),
     };
-    let p = if p.is_dir() { p.join("results.json") } else { p };
+    let p = if p.is_dir() {
+        p.join("results.json")
+    } else {
+        p
+    };
     (a.reference.is_some() || p.is_file()).then_some(p)
 }
 
@@ -351,7 +353,14 @@ pub fn compare_with_reference(reference: &Path, results: &[CellResult]) -> Resul
         for t in &ours.tasks {
             if let Some(rt) = theirs.task(&t.task) {
                 if rt.n == t.n {
-                    line(&mut out, &ours.name, &t.task, t.score, rt.score, rt.score_stderr);
+                    line(
+                        &mut out,
+                        &ours.name,
+                        &t.task,
+                        t.score,
+                        rt.score,
+                        rt.score_stderr,
+                    );
                 } else {
                     out += &format!(
                         "{:<28} {:<14} docs differ ({} here, {} in the reference)\n",
@@ -451,9 +460,8 @@ pub fn run_grid(
             let state = if !done {
                 "todo".to_string()
             } else {
-                let r: CellResult = serde_json::from_str(&std::fs::read_to_string(
-                    env.cell_path(&key),
-                )?)?;
+                let r: CellResult =
+                    serde_json::from_str(&std::fs::read_to_string(env.cell_path(&key))?)?;
                 let stale = stale_reasons(&r, &env);
                 if stale.is_empty() {
                     "done".into()

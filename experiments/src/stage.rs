@@ -20,7 +20,8 @@ pub struct StageLock {
 
 impl StageLock {
     /// Lock `target` (a stage directory or a cell file) through `target.lock`, waiting for another
-    /// process that holds it (saying so unless `quiet`).
+    /// process that holds it (saying so on stderr, also when `quiet`: a job log should show why a
+    /// task sat idle; `quiet` only drops the message when the wait is over).
     pub fn acquire(target: &Path, quiet: bool) -> Result<Self> {
         let path = lock_path(target);
         if let Some(d) = path.parent() {
@@ -35,13 +36,11 @@ impl StageLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                if !quiet {
-                    eprintln!(
-                        "waiting for another process working on {} (lock {})",
-                        target.display(),
-                        path.display()
-                    );
-                }
+                eprintln!(
+                    "waiting for another process working on {} (lock {})",
+                    target.display(),
+                    path.display()
+                );
                 let t = Instant::now();
                 file.lock()
                     .with_context(|| format!("locking {}", path.display()))?;

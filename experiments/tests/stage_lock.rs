@@ -49,7 +49,12 @@ fn two_processes_racing_on_one_stage_compute_it_once() {
     let log = tmp.path().join("computations.log");
     let spawn = || {
         Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "stage_lock_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "stage_lock_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("QTALE_STAGE_TEST_DIR", &dir)
             .env("QTALE_STAGE_TEST_LOG", &log)
             .output()

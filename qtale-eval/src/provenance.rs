@@ -104,7 +104,10 @@ impl Provenance {
 
     /// A short revision label: `abc1234` or `abc1234+dirty`.
     pub fn revision_label(&self) -> String {
-        let r = self.git_revision.as_deref().map_or("unknown", |r| &r[..r.len().min(12)]);
+        let r = self
+            .git_revision
+            .as_deref()
+            .map_or("unknown", |r| &r[..r.len().min(12)]);
         match self.git_dirty {
             Some(true) => format!("{r}+dirty"),
             _ => r.to_string(),
@@ -124,8 +127,11 @@ pub fn libtorch_version() -> Option<String> {
     let dir = std::path::Path::new(lib).parent()?.parent()?;
     if let Ok(s) = std::fs::read_to_string(dir.join("version.py")) {
         let v = s.lines().find_map(|l| {
-            l.strip_prefix("__version__")
-                .map(|r| r.trim_start_matches([' ', '=']).trim().trim_matches(['\'', '"']))
+            l.strip_prefix("__version__").map(|r| {
+                r.trim_start_matches([' ', '='])
+                    .trim()
+                    .trim_matches(['\'', '"'])
+            })
         });
         if let Some(v) = v {
             return Some(v.to_string());
@@ -153,7 +159,10 @@ mod tests {
         let d = now.differences(&old);
         assert_eq!(d.len(), 2, "{d:?}");
         assert!(d.iter().any(|s| s.starts_with("threads: ")), "{d:?}");
-        assert!(d.iter().any(|s| s.starts_with("numerics_version: 0")), "{d:?}");
+        assert!(
+            d.iter().any(|s| s.starts_with("numerics_version: 0")),
+            "{d:?}"
+        );
     }
 
     #[test]
