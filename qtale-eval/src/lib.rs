@@ -1,5 +1,5 @@
 //! `qtale-eval`: the benchmark harness of QTALE-rs, scoring multiple-choice tasks exactly as
-//! lm-evaluation-harness does (rules in `shared/notes/eval-protocol.md`), plus GPTQ-style perplexity,
+//! lm-evaluation-harness does (rules in `docs/eval-protocol.md`), plus GPTQ-style perplexity,
 //! KL divergence against a reference model, and efficiency accounting.
 //!
 //! * [`data`]: Arrow IPC stream / Parquet / gzip JSONL readers into rows that name file, row and field

@@ -74,7 +74,7 @@ impl ResultsFile {
         ResultsFile {
             harness: "qtale-eval".into(),
             harness_version: env!("CARGO_PKG_VERSION").into(),
-            protocol: "lm-evaluation-harness rules (shared/notes/eval-protocol.md): zero-shot, \
+            protocol: "lm-evaluation-harness rules (docs/eval-protocol.md): zero-shot, \
                        target delimiter ' ', trailing context whitespace moved to the continuation, \
                        acc_norm by characters"
                 .into(),

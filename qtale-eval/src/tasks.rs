@@ -1,5 +1,5 @@
 //! The benchmark tasks as data: where each one's docs live, and how a raw row becomes the
-//! log-likelihood requests lm-evaluation-harness builds for it (see `shared/notes/eval-protocol.md`).
+//! log-likelihood requests lm-evaluation-harness builds for it (see `docs/eval-protocol.md`).
 //!
 //! Every task here is zero-shot multiple choice. A [`McDoc`] holds, per choice, one `(context,
 //! continuation)` string pair; the continuation already starts with the target delimiter (one space).

@@ -1,6 +1,6 @@
 //! SmolLM2-135M forward on CPU (f32): prefill of 1 x 512 tokens and KV-cache decode tokens/s, plus the
 //! libtorch f32 2048^3 matmul that bounds them, so results can be read as a fraction of the machine.
-//! bf16 runs only on CUDA (this CPU has no fast bf16 path; see shared/notes/platform.md).
+//! bf16 runs only on CUDA (this CPU has no fast bf16 path; measured by the bf16 probe, README).
 //!
 //! `cargo bench -p qtale-model --bench forward` (needs `scripts/setup.sh` for the model).
 //! `QTALE_BENCH_THREADS=N` sets libtorch's intra-op threads (default: libtorch's choice); on a shared

@@ -10,12 +10,15 @@ fn main() -> Result<()> {
         "Main table: dense / D-LLM / QTALE, full precision and quantized (RTN, GPTQ, AWQ at 4/3/2 bits)",
         None,
         |env, results| {
-            let pts: Vec<(String, Vec<(f64, f64)>)> = results
-                .iter()
-                .filter_map(|r| Some((r.name.clone(), vec![(r.flops_rel_dense, 100.0 * r.csqa7?)])))
-                .collect();
             let p = env.out.join("csqa7_vs_flops.svg");
-            plot::lines(&p, "CSQA-7 vs FLOPs", "FLOPs / dense", "CSQA-7 (%)", &pts)?;
+            plot::with_errors(
+                &p,
+                "CSQA-7 (+-1 s.e.) vs FLOPs",
+                "FLOPs / dense",
+                "CSQA-7 (%)",
+                &grid::flops_points(results),
+                20.0,
+            )?;
             println!("wrote {}", p.display());
             Ok(())
         },

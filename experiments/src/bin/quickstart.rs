@@ -2,13 +2,13 @@
 //! CPU only, a short D-LLM and a short QTALE fine-tune of routers + LoRA, LoRA merge, 4-bit PTQ, theta
 //! calibration, and evaluation of dense, dense-quant, D-LLM + quant and QTALE + quant
 //! (`experiments/configs/quickstart.toml`). Prints the table, writes CSV/JSON/SVG under
-//! `results/quickstart`; trained routers and quantized weights are cached by config under
+//! `out/quickstart` and compares them with the committed reference `results/quickstart`; trained routers and quantized weights are cached by config under
 //! `$QTALE_HOME/cache`, so a second run only re-reads them (`--fresh` recomputes).
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use experiments::grid::{run_grid, write_outputs, GridArgs};
+use experiments::grid::{self, run_grid, write_outputs, GridArgs};
 use experiments::plot;
 
 #[derive(Parser, Debug)]
@@ -46,17 +46,14 @@ fn main() -> Result<()> {
         return Ok(());
     }
     write_outputs(&env, &file, &results)?;
-    let pts: Vec<(String, Vec<(f64, f64)>)> = results
-        .iter()
-        .filter_map(|r| Some((r.name.clone(), vec![(r.flops_rel_dense, 100.0 * r.csqa7?)])))
-        .collect();
     let p = env.out.join("csqa7_vs_flops.svg");
-    plot::lines(
+    plot::with_errors(
         &p,
-        "quickstart: CSQA-7 vs FLOPs",
+        "quickstart: CSQA-7 (+-1 s.e., 40 docs per task) vs FLOPs",
         "FLOPs / dense",
         "CSQA-7 (%)",
-        &pts,
+        &grid::flops_points(&results),
+        20.0,
     )?;
     println!("wrote {}", p.display());
     println!(
