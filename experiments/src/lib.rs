@@ -4,6 +4,7 @@
 pub mod cell;
 pub mod grid;
 pub mod plot;
+pub mod signals;
 pub mod training;
 
 use anyhow::{Context, Result};
