@@ -1,6 +1,7 @@
 //! Shared helpers of the experiment binaries: the training step ([`training`]), one experiment cell as
 //! a resumable, config-keyed job ([`cell`]), grids of cells from config files with tables and CSVs
 //! ([`grid`]), and plots ([`plot`]).
+pub mod args;
 pub mod cell;
 pub mod grid;
 pub mod plot;
