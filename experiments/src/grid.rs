@@ -23,6 +23,7 @@ use qtale_train::trainer::TrainConfig;
 
 use crate::args::{positive, ModelArgs};
 use crate::cell::{merge_json, run_cell, CellConfig, CellResult, Env};
+use crate::from_value_keyed;
 
 /// Derives placeholder values (`$name`) from the first cell's result.
 pub type VarsFn = dyn Fn(&CellResult) -> HashMap<String, Value>;
@@ -215,14 +216,6 @@ fn keyed_error<E: std::fmt::Display>(
 ) -> anyhow::Error {
     let key = e.path().to_string();
     anyhow::anyhow!("{}: key `{key}`: {}", path.display(), e.into_inner())
-}
-
-/// Deserialize a JSON value, naming the dotted key of a wrong type or unknown field.
-pub fn from_value_keyed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let key = e.path().to_string();
-        anyhow::anyhow!("key `{key}`: {}", e.into_inner())
-    })
 }
 
 /// Set a dotted path, creating objects on the way.
@@ -435,6 +428,10 @@ pub fn run_grid(
         }
         match run_cell(&cell, &env) {
             Ok(r) => results.push(r),
+            // A signal stopped the training stage (checkpoint written): run no further cells.
+            Err(e) if crate::signals::stop_requested() => {
+                return Err(e.context(format!("cell {i} `{}` stopped", cell.name)));
+            }
             Err(e) => {
                 eprintln!("cell {i} `{}` failed: {e:#}", cell.name);
                 failures.push(format!("{i} `{}`: {e:#}", cell.name));

@@ -18,6 +18,11 @@ pub fn stop_flag() -> Arc<AtomicBool> {
         .clone()
 }
 
+/// Whether a signal asked the process to stop (a grid then runs no further cells).
+pub fn stop_requested() -> bool {
+    STOP.get().is_some_and(|s| s.load(Ordering::SeqCst))
+}
+
 /// Register the handlers (idempotent per process is not needed: call once from `main`).
 pub fn install() -> Result<()> {
     for sig in [SIGTERM, SIGINT] {

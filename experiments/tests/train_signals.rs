@@ -13,28 +13,46 @@ use tch::Tensor;
 const STEPS: usize = 400;
 
 fn train(model: &Path, data: &Path, cfg: &Path, out: &Path) -> Command {
+    train_with(model, data, cfg, out, &[])
+}
+
+/// The run's command line with `overrides` (flag, value) replacing the defaults.
+fn train_with(
+    model: &Path,
+    data: &Path,
+    cfg: &Path,
+    out: &Path,
+    overrides: &[(&str, &str)],
+) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    c.args([
-        "--model",
-        &s(model),
-        "--train-data",
-        &s(data),
-        "--train-config",
-        &s(cfg),
-        "--out",
-        &s(out),
-        "--threads",
-        "1",
-        "--steps",
-        &STEPS.to_string(),
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--holdout",
-        "0.1",
-    ]);
+    let mut args: Vec<String> = vec![
+        "--model".into(),
+        s(model),
+        "--train-data".into(),
+        s(data),
+        "--train-config".into(),
+        s(cfg),
+        "--out".into(),
+        s(out),
+        "--threads".into(),
+        "1".into(),
+        "--steps".into(),
+        STEPS.to_string(),
+        "--seq-len".into(),
+        "32".into(),
+        "--batch-size".into(),
+        "2".into(),
+        "--holdout".into(),
+        "0.1".into(),
+    ];
+    for (flag, value) in overrides {
+        match args.iter().position(|a| a == flag) {
+            Some(i) => args[i + 1] = value.to_string(),
+            None => args.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+    c.args(args);
     c
 }
 
@@ -118,6 +136,25 @@ fn sigterm_checkpoints_and_resume_matches_an_uninterrupted_run() {
     assert!((10..STEPS).contains(&at), "stopped at step {at}");
     assert!(!cut.join("done.json").exists());
 
+    // A resume that would not continue this run is refused, naming the field.
+    for (over, needle) in [
+        (
+            ("--holdout", "0.2"),
+            "data.holdout: 0.1 (checkpoint) vs 0.2 (now)",
+        ),
+        (("--steps", "500"), "steps: 400 (checkpoint) vs 500 (now)"),
+        (("--seed", "3"), "seed: 0 (checkpoint) vs 3 (now)"),
+    ] {
+        let o = train_with(&model, &data, &cfg, &cut, &[over])
+            .arg("--resume")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{over:?}: {err}"
+        );
+    }
     let o = train(&model, &data, &cfg, &cut)
         .arg("--resume")
         .output()

@@ -83,7 +83,7 @@ fn main() -> Result<()> {
             bail!("--train-config {}: expected a JSON object", p.display())
         }
         experiments::cell::merge_json(&mut v, &over);
-        cfg = experiments::grid::from_value_keyed(v)
+        cfg = experiments::from_value_keyed(v)
             .with_context(|| format!("--train-config {}", p.display()))?;
     }
     if let Some(x) = a.steps {
