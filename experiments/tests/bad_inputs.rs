@@ -3,7 +3,7 @@
 //! here is the tiny test model or none at all, so the whole catalogue takes seconds).
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -361,9 +361,4 @@ fn every_binary_has_version_and_documented_flags() {
             }
         }
     }
-}
-
-#[allow(dead_code)]
-fn exists(p: &Path) -> bool {
-    p.exists()
 }
