@@ -65,7 +65,7 @@ impl TrainSpec {
         let base = TrainConfig::preset(&self.preset)?;
         let mut v = serde_json::to_value(&base)?;
         merge_json(&mut v, &Value::Object(self.config.clone()));
-        let cfg: TrainConfig = serde_json::from_value(v).context("train.config")?;
+        let cfg: TrainConfig = crate::from_value_keyed(v).context("train.config")?;
         cfg.validate()?;
         self.data.validate()?;
         Ok(cfg)
@@ -128,7 +128,7 @@ impl QuantSpec {
             .with_context(|| format!("quant.method `{}`", self.method))?;
         let mut v = serde_json::to_value(QuantConfig::new(self.bits, group)?)?;
         merge_json(&mut v, &Value::Object(self.config.clone()));
-        let qc: QuantConfig = serde_json::from_value(v).context("quant.config")?;
+        let qc: QuantConfig = crate::from_value_keyed(v).context("quant.config")?;
         qc.validate()?;
         ensure!(
             self.calib_sequences >= 1 && self.calib_len >= 16,

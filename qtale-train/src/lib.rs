@@ -1,6 +1,6 @@
 //! Fine-tuning for token-adaptive execution: LoRA adapters on the frozen base ([`lora`]), the objective
-//! as a list of loss terms ([`loss`]: CE, ratio, entropy, KD; add a term = one file + one registry line
-//! + its config key), the loop over any router kind ([`trainer`]), a checkpointable AdamW with warmup +
+//! as a list of loss terms ([`loss`]: CE, ratio, entropy, KD; add a term = one file, one registry line
+//! and its config key), the loop over any router kind ([`trainer`]), a checkpointable AdamW with warmup +
 //! cosine schedules ([`optim`]), and atomic checkpoints ([`checkpoint`]).
 pub mod checkpoint;
 pub mod data;
@@ -24,6 +24,14 @@ pub enum TrainError {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// The caller's stop flag was set (e.g. SIGTERM at a Slurm time limit): the step in flight finished
+    /// and a checkpoint was written.
+    #[error("stopped on request after step {step} of {steps}; checkpoint written to {path}")]
+    Stopped {
+        step: usize,
+        steps: usize,
+        path: std::path::PathBuf,
     },
     #[error("non-finite loss at step {step}: {what}")]
     NonFinite { step: usize, what: String },

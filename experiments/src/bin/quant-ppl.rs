@@ -5,20 +5,24 @@
 //! is an evaluation set of the project. SmolLM2's weights are already Q4_1 (group 32): re-quantizing
 //! to 4-bit is close to lossless, 3-bit is not.
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use experiments::args::{positive, ModelArgs};
 use qtale_model::corpus::{calibration_windows, heldout_windows};
 use qtale_model::ptq::{quantize_model, PtqOptions};
 use qtale_quant::QuantConfig;
 
 #[derive(Parser, Debug)]
-#[command(about = "Perplexity of a model quantized with RTN, GPTQ and AWQ")]
+#[command(
+    version,
+    about = "Perplexity of a model quantized with RTN, GPTQ and AWQ"
+)]
 struct Args {
-    /// GGUF file, HF directory, or hub repo id; default: SmolLM2-135M-Instruct from the set-up.
-    #[arg(long)]
-    model: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Comma-separated registered methods: rtn, gptq, awq, ...
     #[arg(long, default_value = "rtn,gptq,awq", value_delimiter = ',')]
     methods: Vec<String>,
@@ -48,37 +52,43 @@ struct Args {
     /// Held-out perplexity windows: N x L tokens (LAMBADA passages).
     #[arg(long, default_value = "32x512")]
     eval: String,
-    /// Quantize only the first N blocks.
-    #[arg(long)]
+    /// Quantize only the first N >= 1 blocks.
+    #[arg(long, value_parser = positive())]
     layers: Option<usize>,
-    /// CSV output (appended rows are not mixed: the file is rewritten).
-    #[arg(long, default_value = "results/quant-ppl.csv")]
-    out: String,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Output directory: OUT/quant-ppl.csv (rewritten, not appended).
+    #[arg(long, default_value = "results/quant-ppl")]
+    out: PathBuf,
     /// AWQ: calibration tokens used for the scale-search loss (whole batches).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = positive())]
     awq_eval_rows: usize,
-    /// Calibration sequences per forward.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
+    /// Calibration sequences per forward (>= 1).
+    #[arg(long, default_value_t = 4, value_parser = positive())]
+    calib_batch: usize,
     /// Per-layer reports.
     #[arg(long)]
     verbose: bool,
-    /// libtorch intra-op threads (default: libtorch's choice).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
-    threads: Option<i32>,
     /// Also write the calibration and held-out token windows as JSON
     /// (`{"calibration": [[ids]], "heldout": [[ids]]}`) to this file, to run another tool on them.
     #[arg(long)]
     dump_windows: Option<std::path::PathBuf>,
 }
 
-fn parse_nxl(s: &str) -> Result<(usize, usize)> {
+/// `N x L` windows of a flag: N >= 1 windows of L >= 2 tokens (a next-token NLL needs two).
+fn parse_nxl(flag: &str, s: &str) -> Result<(usize, usize)> {
     let (n, l) = s
         .split_once(['x', 'X'])
-        .with_context(|| format!("{s:?}: expected N x L, e.g. 128x512"))?;
-    Ok((n.trim().parse()?, l.trim().parse()?))
+        .with_context(|| format!("{flag} {s}: expected N x L, e.g. 128x512"))?;
+    let num = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .with_context(|| format!("{flag} {s}: `{x}` is not a count"))
+    };
+    let (n, l) = (num(n)?, num(l)?);
+    anyhow::ensure!(
+        n >= 1 && l >= 2,
+        "{flag} {s}: need at least 1 window of at least 2 tokens"
+    );
+    Ok((n, l))
 }
 
 /// `exp` of the mean next-token NLL over equal-length windows.
@@ -88,11 +98,33 @@ fn perplexity(model: &qtale_model::Llama, windows: &[Vec<i64>]) -> Result<f64> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t);
-    }
-    let (cn, cl) = parse_nxl(&args.calib)?;
-    let (en, el) = parse_nxl(&args.eval)?;
+    // Validate everything before the model loads and the dense perplexity runs (minutes), and
+    // before the CSV is truncated.
+    let device = args.model.setup()?;
+    let (cn, cl) = parse_nxl("--calib", &args.calib)?;
+    let (en, el) = parse_nxl("--eval", &args.eval)?;
+    let configs = args
+        .bits
+        .iter()
+        .map(|&bits| {
+            let c = QuantConfig {
+                sym: args.sym,
+                act_order: args.act_order,
+                static_groups: args.static_groups,
+                true_sequential: !args.no_true_sequential,
+                ..QuantConfig::new(bits, args.group).with_context(|| format!("--bits {bits}"))?
+            };
+            c.validate()
+                .with_context(|| format!("--bits {bits} --group {}", args.group))?;
+            Ok(c)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    anyhow::ensure!(!configs.is_empty(), "--bits: no bit width given");
+    anyhow::ensure!(
+        args.out.extension().is_none_or(|e| e != "csv"),
+        "--out {}: --out is a directory (the CSV is OUT/quant-ppl.csv)",
+        args.out.display()
+    );
     let methods = args
         .methods
         .iter()
@@ -105,7 +137,7 @@ fn main() -> Result<()> {
             qtale_quant::quantizer(m, &options).with_context(|| format!("--methods {m}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let lm = experiments::load_from_args(args.model.as_deref(), &args.device, "f32")?;
+    let lm = args.model.load(device, tch::Kind::Float)?;
     let calib = calibration_windows(&lm.tokenizer, cn, cl)?;
     let held = heldout_windows(&lm.tokenizer, en, el)?;
     anyhow::ensure!(
@@ -126,10 +158,11 @@ fn main() -> Result<()> {
         held.len(),
         el
     );
-    if let Some(dir) = std::path::Path::new(&args.out).parent() {
-        std::fs::create_dir_all(dir).ok();
-    }
-    let mut csv = std::fs::File::create(&args.out).with_context(|| args.out.clone())?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("--out: creating {}", args.out.display()))?;
+    let csv_path = args.out.join("quant-ppl.csv");
+    let mut csv = std::fs::File::create(&csv_path)
+        .with_context(|| format!("--out: creating {}", csv_path.display()))?;
     writeln!(
         csv,
         "method,bits,group,sym,act_order,calib_seqs,calib_len,eval_seqs,eval_len,layers,perplexity,quant_seconds,eval_seconds,bits_per_weight,linear_bytes"
@@ -150,21 +183,15 @@ fn main() -> Result<()> {
         "dense,32,0,false,false,0,0,{},{el},0,{dense:.4},0,{dense_eval:.2},32,0",
         held.len()
     )?;
-    for &bits in &args.bits {
+    for config in &configs {
+        let bits = config.bits;
         for m in &methods {
-            let mut model =
-                experiments::load_from_args(args.model.as_deref(), &args.device, "f32")?.model;
-            let config = QuantConfig {
-                sym: args.sym,
-                act_order: args.act_order,
-                static_groups: args.static_groups,
-                true_sequential: !args.no_true_sequential,
-                ..QuantConfig::new(bits, args.group)?
-            };
+            let mut model = args.model.load(device, tch::Kind::Float)?.model;
+            let config = config.clone();
             let opts = PtqOptions {
                 max_layers: args.layers,
                 cache_dense: true,
-                batch: args.batch,
+                batch: args.calib_batch,
                 verbose: args.verbose,
             };
             let s = quantize_model(&mut model, &calib, &**m, &config, &opts)?;
@@ -195,6 +222,6 @@ fn main() -> Result<()> {
             csv.flush()?;
         }
     }
-    println!("wrote {}", args.out);
+    println!("wrote {}", csv_path.display());
     Ok(())
 }

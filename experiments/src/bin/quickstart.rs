@@ -13,6 +13,7 @@ use experiments::plot;
 
 #[derive(Parser, Debug)]
 #[command(
+    version,
     name = "quickstart",
     about = "Fine-tune D-LLM and QTALE routers briefly, quantize to 4 bits, calibrate theta, evaluate 4 variants"
 )]
@@ -23,6 +24,7 @@ struct Cli {
 
 fn main() -> Result<()> {
     let a = Cli::parse();
+    experiments::signals::install()?;
     let t0 = Instant::now();
     if !a.grid.list && !a.grid.merge {
         // A 1-second check that the model loads and computes right before the long part starts.

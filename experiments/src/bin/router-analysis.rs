@@ -9,25 +9,24 @@ use clap::Parser;
 use serde::Serialize;
 
 use experiments::cell::build_model;
-use experiments::grid::{
-    config_path, env_of, reject_cell_flags, to_cell, ExperimentFile, GridArgs,
-};
+use experiments::grid::{config_path, env_of, to_cell_with, ExperimentArgs, ExperimentFile};
 use experiments::plot;
 use qtale_router::{analyze, AnalysisOptions, RouterAnalysis};
 
 #[derive(Parser, Debug)]
 #[command(
+    version,
     name = "router-analysis",
     about = "Router logit-gap histograms, Gumbel flip rates and per-layer execution ratios, D-LLM vs QTALE"
 )]
 struct Cli {
     #[command(flatten)]
-    grid: GridArgs,
-    /// Histogram bins over the logit-gap range.
-    #[arg(long, default_value_t = 60)]
+    grid: ExperimentArgs,
+    /// Histogram bins over the logit-gap range (>= 1).
+    #[arg(long, default_value_t = 60, value_parser = experiments::args::positive())]
     bins: usize,
-    /// Gumbel samples per token for the sampled flip rate.
-    #[arg(long, default_value_t = 16)]
+    /// Gumbel samples per token for the sampled flip rate (>= 1).
+    #[arg(long, default_value_t = 16, value_parser = experiments::args::positive())]
     samples: usize,
 }
 
@@ -43,13 +42,13 @@ struct Row {
 fn main() -> Result<()> {
     let a = Cli::parse();
     let binary = "router-analysis";
-    reject_cell_flags(&a.grid, binary)?;
+    experiments::signals::install()?;
     let file = ExperimentFile::read(&config_path(&a.grid, binary))?;
     let env = env_of(&a.grid, binary)?;
     std::fs::create_dir_all(&env.out).with_context(|| format!("creating {}", env.out.display()))?;
     let mut rows = Vec::new();
     for v in file.expand()? {
-        let cell = to_cell(v, &a.grid)?;
+        let cell = to_cell_with(v, &a.grid, None)?;
         if a.grid.list {
             println!("{}", cell.name);
             continue;

@@ -10,9 +10,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use experiments::cell::build_model;
-use experiments::grid::{
-    config_path, env_of, reject_cell_flags, to_cell, ExperimentFile, GridArgs,
-};
+use experiments::grid::{config_path, env_of, to_cell_with, ExperimentArgs, ExperimentFile};
 use qtale_model::model::KvCache;
 use qtale_model::Decoder;
 use qtale_model::Llama;
@@ -21,20 +19,21 @@ use qtale_router::TrainableRouter;
 
 #[derive(Parser, Debug)]
 #[command(
+    version,
     name = "speed",
     about = "Prefill and decode throughput of dense / quantized / routed / routed+quantized, side by side"
 )]
 struct Cli {
     #[command(flatten)]
-    grid: GridArgs,
-    /// Prompt tokens (prefill of one sequence).
-    #[arg(long, default_value_t = 256)]
+    grid: ExperimentArgs,
+    /// Prompt tokens (prefill of one sequence; >= 2).
+    #[arg(long, default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     prompt_len: usize,
-    /// Tokens generated one at a time after the prompt (greedy, KV cache).
-    #[arg(long, default_value_t = 32)]
+    /// Tokens generated one at a time after the prompt (greedy, KV cache; >= 1).
+    #[arg(long, default_value_t = 32, value_parser = experiments::args::positive())]
     decode_tokens: usize,
-    /// Rounds (each times every variant once, interleaved); medians over rounds are reported.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds (each times every variant once, interleaved); medians over rounds are reported (>= 1).
+    #[arg(long, default_value_t = 3, value_parser = experiments::args::positive())]
     reps: usize,
 }
 
@@ -109,18 +108,14 @@ fn run_once(d: &dyn Decoder, prompt: &[i64], n_new: usize) -> Result<(f64, f64, 
 
 fn main() -> Result<()> {
     let a = Cli::parse();
-    anyhow::ensure!(
-        a.prompt_len >= 2 && a.decode_tokens >= 1 && a.reps >= 1,
-        "--prompt-len >= 2, --decode-tokens >= 1 and --reps >= 1"
-    );
     let binary = "speed";
-    reject_cell_flags(&a.grid, binary)?;
+    experiments::signals::install()?;
     let file = ExperimentFile::read(&config_path(&a.grid, binary))?;
     let env = env_of(&a.grid, binary)?;
     std::fs::create_dir_all(&env.out).with_context(|| format!("creating {}", env.out.display()))?;
     let mut cells = Vec::new();
     for v in file.expand()? {
-        let cell = to_cell(v, &a.grid)?;
+        let cell = to_cell_with(v, &a.grid, None)?;
         if a.grid.list {
             println!("{}", cell.name);
             continue;
