@@ -644,6 +644,9 @@ def write_readme(tiny: list[dict], smol: dict | None, tok_info: dict | None) -> 
             "  pre-tokenizer gives the same ids on every case here"
             + (" (checked)." if not tok_info["digit_split_mismatches"] else
                f" EXCEPT {tok_info['digit_split_mismatches']!r}."),
+            "- None of these cases has two spaces before a digit, where it does differ from SmolLM2's own",
+            "  tokenizer.json (`\"6.5%.  9,458\"`: `Ġ`,`Ġ`,`9` here, `ĠĠ`,`9` in SmolLM2's own, which qtale follows;",
+            "  see qtale-eval/tests/fixtures/README.md).",
         ]
     lines.append("")
     (FIXTURES / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -634,6 +634,7 @@ fn short(t: TaskId) -> &'static str {
     match t {
         TaskId::Piqa => "PIQA",
         TaskId::Boolq => "BoolQ",
+        TaskId::BoolqGoogle => "BoolQ-g",
         TaskId::SocialIqa => "SIQA",
         TaskId::ArcEasy => "ARC-e",
         TaskId::ArcChallenge => "ARC-c",

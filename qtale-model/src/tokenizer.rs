@@ -244,7 +244,12 @@ pub fn tokenizer_json_from_gguf(g: &GgufFile) -> Result<Value> {
 fn pre_tokenizer_json(pre: Option<&str>) -> std::result::Result<Value, String> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     match pre {
-        // SmolLM2 / StarCoder style: every digit alone, then the GPT-2 byte-level split.
+        // SmolLM2 / StarCoder style: every digit alone, then the GPT-2 byte-level split, exactly
+        // SmolLM2's own tokenizer.json (`Sequence[Digits(individual_digits), ByteLevel]`). The order
+        // matters where spaces precede a digit: "%.  9" splits into "%.", "  ", "9" and gives
+        // `ĠĠ`,`9` (SmolLM2's own tokenizer and llama.cpp's "smollm" pre-tokenizer agree); the GPT-2
+        // regex alone (what transformers builds from the GGUF) gives `Ġ`,`Ġ`,`9`, which changes
+        // log-likelihoods by nats (lm-eval PIQA validation docs 139 and 142).
         None | Some("default") | Some("smollm") => Ok(json!({
             "type": "Sequence",
             "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)],
@@ -509,6 +514,27 @@ mod tests {
         }
         let im_start = t.token_to_id("<|im_start|>").unwrap();
         assert_eq!(ids(&t, "<|im_start|>user")[0], im_start);
+    }
+
+    /// Spaces before a digit, against ids from HF `tokenizers` 0.22.2 on SmolLM2-135M-Instruct's own
+    /// tokenizer.json (its vocabulary and merges equal the GGUF's; qtale-eval's fixture README says
+    /// where that file comes from). transformers' GGUF tokenizer (GPT-2 regex without the digit
+    /// split) gives `Ġ`,`Ġ`,`9` = [.., 216, 216, 41, ..] for the first case instead.
+    #[test]
+    fn tokenizer_smollm2_spaces_before_digits_follow_smollm2s_own_tokenizer() {
+        let Some(g) = smollm2() else { return };
+        let t = tokenizer_from_gguf(&g).unwrap();
+        for (text, want) in [
+            (
+                "6.5%.  9,458",
+                vec![38, 30, 37, 8006, 256, 41, 28, 36, 37, 40],
+            ),
+            ("a  9", vec![81, 256, 41]),
+            ("x 9", vec![104, 216, 41]),
+            ("x   12", vec![104, 333, 33, 34]),
+        ] {
+            assert_eq!(ids(&t, text), want, "{text:?}");
+        }
     }
 
     #[test]

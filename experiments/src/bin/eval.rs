@@ -29,7 +29,8 @@ struct Args {
     #[command(flatten)]
     dtype: DtypeArg,
     /// Comma-separated tasks (piqa, boolq, social_iqa, arc_easy, arc_challenge, winogrande,
-    /// openbookqa, hellaswag, copa, commonsense_qa, sciq) or groups core8, csqa7, all.
+    /// openbookqa, hellaswag, copa, commonsense_qa, sciq; boolq_google = BoolQ without passage
+    /// titles, not lm-eval's form) or groups core8, csqa7, all.
     #[arg(long, default_value = "core8")]
     tasks: String,
     /// Score only the first N >= 1 docs of each task.
