@@ -21,9 +21,7 @@ use qtale_model::load::qtale_home;
 use qtale_train::trainer::TrainConfig;
 
 use crate::args::{positive, ModelArgs};
-use crate::cell::{
-    merge_json, run_cell, stage_dirs, stale_reasons, CellConfig, CellResult, Env,
-};
+use crate::cell::{merge_json, run_cell, stage_dirs, stale_reasons, CellConfig, CellResult, Env};
 use crate::from_value_keyed;
 
 /// Derives placeholder values (`$name`) from the first cell's result.

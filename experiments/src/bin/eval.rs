@@ -2,7 +2,7 @@
 //! a results JSON, a CSV row per task and (optionally) a per-doc log.
 //!
 //! ```sh
-//! cargo run --release --bin eval -- --tasks core8 --limit 500 --batch-size 16 --out results/dense
+//! cargo run --release --bin eval -- --tasks core8 --limit 500 --batch-size 16 --out out/dense
 //! ```
 use std::path::PathBuf;
 use std::time::Instant;
@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 16, value_parser = positive())]
     batch_size: usize,
     /// Output directory: results.json, results.csv (appended) and docs.jsonl (with --log-docs).
-    #[arg(long, default_value = "results/eval")]
+    #[arg(long, default_value = "out/eval")]
     out: PathBuf,
     /// Prepend BOS to every context (lm-eval <= 0.4.9.1 adds none; SmolLM2 adds none either way).
     #[arg(long)]

@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, value_parser = positive())]
     layers: Option<usize>,
     /// Output directory: OUT/quant-ppl.csv (rewritten, not appended).
-    #[arg(long, default_value = "results/quant-ppl")]
+    #[arg(long, default_value = "out/quant-ppl")]
     out: PathBuf,
     /// AWQ: calibration tokens used for the scale-search loss (whole batches).
     #[arg(long, default_value_t = 1024, value_parser = positive())]
