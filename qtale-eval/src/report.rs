@@ -54,9 +54,8 @@ pub struct ResultsFile {
     pub harness: String,
     pub harness_version: String,
     pub protocol: String,
-    pub git_revision: Option<String>,
-    pub git_dirty: Option<bool>,
-    pub date_utc: String,
+    /// What produced the file: revision, versions, device, dtype, threads, host, Slurm ids, date.
+    pub provenance: crate::provenance::Provenance,
     pub config: RunConfig,
     pub tasks: BTreeMap<String, TaskSummary>,
     /// Unweighted mean over the CSQA-7 tasks of their headline metric (acc_norm where reported).
@@ -67,10 +66,14 @@ pub struct ResultsFile {
 }
 
 impl ResultsFile {
-    pub fn new(config: RunConfig, results: &[TaskResult], notes: Vec<String>) -> Self {
+    pub fn new(
+        config: RunConfig,
+        provenance: crate::provenance::Provenance,
+        results: &[TaskResult],
+        notes: Vec<String>,
+    ) -> Self {
         let pairs: Vec<(TaskId, &TaskMetrics)> =
             results.iter().map(|r| (r.task, &r.metrics)).collect();
-        let (git_revision, git_dirty) = git_state();
         ResultsFile {
             harness: "qtale-eval".into(),
             harness_version: env!("CARGO_PKG_VERSION").into(),
@@ -78,9 +81,7 @@ impl ResultsFile {
                        target delimiter ' ', trailing context whitespace moved to the continuation, \
                        acc_norm by characters"
                 .into(),
-            git_revision,
-            git_dirty,
-            date_utc: utc_now(),
+            provenance,
             config,
             tasks: results
                 .iter()
@@ -236,23 +237,6 @@ pub fn model_hash(src: &ModelSource) -> Option<String> {
         }
     }
     Some(format!("{:x}", h.finalize()))
-}
-
-/// `git rev-parse HEAD` and whether the tree has changes, when git is available.
-pub fn git_state() -> (Option<String>, Option<bool>) {
-    let rev = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    let dirty = std::process::Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| !o.stdout.is_empty());
-    (rev, dirty)
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -215,7 +215,8 @@ fn main() -> Result<()> {
         routing: None,
         theta: None,
     };
-    let file = ResultsFile::new(run.clone(), &results, notes);
+    let prov = qtale_eval::provenance::Provenance::current(device, kind);
+    let file = ResultsFile::new(run.clone(), prov, &results, notes);
     let json = args.out.join("results.json");
     file.write_json(&json)?;
     append_csv(&args.out.join("results.csv"), &run, &results)?;

@@ -168,9 +168,8 @@ fn main() -> Result<()> {
         }
     }
     w.flush()?;
-    let (rev, dirty) = qtale_eval::report::git_state();
-    let json = serde_json::json!({"experiment": file, "git_revision": rev, "git_dirty": dirty,
-        "date_utc": qtale_eval::report::utc_now(), "routers": rows});
+    let json = serde_json::json!({"experiment": file, "provenance": env.provenance(),
+        "routers": rows});
     std::fs::write(
         out("router_analysis.json"),
         serde_json::to_string_pretty(&json)?,

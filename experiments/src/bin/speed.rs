@@ -216,9 +216,8 @@ fn main() -> Result<()> {
         w.serialize(r)?;
     }
     w.flush()?;
-    let (rev, dirty) = qtale_eval::report::git_state();
-    let json = serde_json::json!({"experiment": file, "git_revision": rev, "git_dirty": dirty,
-        "date_utc": qtale_eval::report::utc_now(), "threads": tch::get_num_threads(),
+    let json = serde_json::json!({"experiment": file, "provenance": env.provenance(),
+        "threads": tch::get_num_threads(),
         "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens, "reps": a.reps,
         "kind": format!("{:?}", Kind::Float), "rows": rows, "runs_per_round": runs,
         "timing": "variants interleaved per round; statistics off while timed; tok/s: median over rounds; speedups: median over rounds of the ratio to the first variant in the same round"});
