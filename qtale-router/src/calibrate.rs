@@ -250,7 +250,9 @@ impl ThetaRule {
                 )
             }
             ThetaRule::Tolerance { tolerance, grid }
-                if !(*tolerance >= 0.0)
+                // Also refuses NaN.
+                if !tolerance.is_finite()
+                    || *tolerance < 0.0
                     || grid.is_empty()
                     || grid.iter().any(|t| !(0.0..=1.0).contains(t)) =>
             {
