@@ -546,7 +546,7 @@ fn finished_run(base: &Base, run: &Path, spec: &TrainSpec) -> Result<(PathBuf, T
     let want = serde_json::json!({"config": spec.resolve()?, "data": spec.data});
     let have = serde_json::json!({"config": done.config, "data": done.data});
     let mut diffs = Vec::new();
-    json_diffs("", &want, &have, &mut diffs);
+    qtale_train::checkpoint::json_diffs("", &want, &have, ("spec", "run"), &mut diffs);
     ensure!(
         diffs.is_empty(),
         "train.from = {}: the run was trained with a different config: {}",
@@ -575,30 +575,6 @@ fn finished_run(base: &Base, run: &Path, spec: &TrainSpec) -> Result<(PathBuf, T
         );
     }
     Ok((run.to_path_buf(), done))
-}
-
-/// `path: want (spec) vs have (run)` for every leaf where two JSON values differ.
-fn json_diffs(path: &str, want: &Value, have: &Value, out: &mut Vec<String>) {
-    match (want, have) {
-        (Value::Object(a), Value::Object(b)) => {
-            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-            for k in keys {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                json_diffs(
-                    &p,
-                    a.get(k).unwrap_or(&Value::Null),
-                    b.get(k).unwrap_or(&Value::Null),
-                    out,
-                );
-            }
-        }
-        _ if want != have => out.push(format!("{path}: {want} (spec) vs {have} (run)")),
-        _ => {}
-    }
 }
 
 /// The dense model of a cell: the base, with the trained LoRA merged when `train` is given.

@@ -108,12 +108,13 @@ pub fn load(path: &Path) -> Result<(BTreeMap<String, Tensor>, serde_json::Value)
     Ok((out, meta))
 }
 
-/// `path: saved (checkpoint) vs now` for every leaf where two JSON values differ (objects compared key
+/// `path: a (labels.0) vs b (labels.1)` for every leaf where two JSON values differ (objects compared key
 /// by key, so the message names e.g. `loss.entropy.weight`).
 pub fn json_diffs(
     path: &str,
     saved: &serde_json::Value,
     now: &serde_json::Value,
+    labels: (&str, &str),
     out: &mut Vec<String>,
 ) {
     use serde_json::Value;
@@ -130,11 +131,15 @@ pub fn json_diffs(
                     &p,
                     a.get(k).unwrap_or(&Value::Null),
                     b.get(k).unwrap_or(&Value::Null),
+                    labels,
                     out,
                 );
             }
         }
-        _ if saved != now => out.push(format!("{path}: {saved} (checkpoint) vs {now} (now)")),
+        _ if saved != now => out.push(format!(
+            "{path}: {saved} ({}) vs {now} ({})",
+            labels.0, labels.1
+        )),
         _ => {}
     }
 }

@@ -529,7 +529,7 @@ impl<'a> Trainer<'a> {
         let saved_steps = saved.get("steps").and_then(Value::as_u64);
         let now = serde_json::to_value(&self.cfg).expect("serializable");
         let mut diffs = Vec::new();
-        checkpoint::json_diffs("", &saved, &now, &mut diffs);
+        checkpoint::json_diffs("", &saved, &now, ("checkpoint", "now"), &mut diffs);
         if !diffs.is_empty() {
             let steps_note = if diffs.iter().any(|d| d.starts_with("steps:")) {
                 format!(
@@ -549,7 +549,13 @@ impl<'a> Trainer<'a> {
         match meta.get("data") {
             Some(saved_data) if !saved_data.is_null() || !self.data_id.is_null() => {
                 let mut diffs = Vec::new();
-                checkpoint::json_diffs("data", saved_data, &self.data_id, &mut diffs);
+                checkpoint::json_diffs(
+                    "data",
+                    saved_data,
+                    &self.data_id,
+                    ("checkpoint", "now"),
+                    &mut diffs,
+                );
                 if !diffs.is_empty() {
                     return Err(ck_err(format!(
                         "written with different training data: {}",
