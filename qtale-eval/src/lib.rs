@@ -11,12 +11,15 @@
 //!   over any `qtale_model::Decoder` (the dense `Llama`, quantized ones included, and the router
 //!   crate's `RoutedDecoder`): the harness depends on that interface, not on any model variant.
 //! * [`metrics`]: acc / acc_norm with standard errors, the CSQA-7 average.
+//! * [`paired`]: paired per-doc comparisons of two variants (bootstrap intervals, McNemar's exact test,
+//!   docs needed to resolve a difference).
 //! * [`ppl`]: perplexity over non-overlapping windows and KL divergence.
 //! * [`run`], [`report`]: scoring a task, and the results JSON / CSV / per-doc log.
 pub mod data;
 pub mod encode;
 pub mod error;
 pub mod metrics;
+pub mod paired;
 pub mod ppl;
 pub mod provenance;
 pub mod report;

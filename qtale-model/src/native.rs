@@ -616,18 +616,70 @@ impl NativeDecoder {
     /// One full token (every layer) in one dispatch to the thread team; returns the argmax of its
     /// logits (the logits are in [`NativeState::logits`]).
     pub fn forward_token(&self, token: i64, st: &mut NativeState) -> NResult<usize> {
+        self.run_token(token, st, None, &mut [])
+    }
+
+    /// One token through the layers that `gate` lets execute, in one dispatch to the thread team.
+    /// Before layer `l`, thread 0 calls `gate(l, x)` with the residual stream `x` entering that layer
+    /// (what a D-LLM router reads) and publishes the decision through the team's barrier; a skipped
+    /// layer writes no K/V for this token (eviction). `executed[l]` receives the decisions (its length
+    /// must be the number of layers). Returns the argmax of the logits.
+    pub fn forward_token_gated(
+        &self,
+        token: i64,
+        st: &mut NativeState,
+        gate: &(dyn Fn(usize, &[f32]) -> bool + Sync),
+        executed: &mut [bool],
+    ) -> NResult<usize> {
+        self.run_token(token, st, Some(gate), executed)
+    }
+
+    /// [`NativeDecoder::forward_token_gated`], or every layer without the per-layer barrier when
+    /// `gate` is `None` (then `executed` is ignored).
+    fn run_token(
+        &self,
+        token: i64,
+        st: &mut NativeState,
+        gate: Option<&(dyn Fn(usize, &[f32]) -> bool + Sync)>,
+        executed: &mut [bool],
+    ) -> NResult<usize> {
+        if gate.is_some() && executed.len() != self.layers.len() {
+            return Err(NativeError::Input(format!(
+                "executed has {} entries, the decoder {} layers",
+                executed.len(),
+                self.layers.len()
+            )));
+        }
         self.begin_token(token, st)?;
         for l in 0..self.layers.len() {
             st.reserve_layer(l, self.kv_block, &self.dims);
         }
+        let d = self.dims.hidden;
         let bufs = Bufs::new(st);
+        let decisions = SharedSlice::new(executed);
         let err = ErrSlot::default();
         self.pool.run(|ctx| {
             let mut r = Ok(());
             for l in 0..self.layers.len() {
-                r = self.layer_job(ctx, l, &bufs);
-                if r.is_err() {
-                    break;
+                // SAFETY: thread 0 alone writes decision `l` and reads `x` (complete: thread 0 did the
+                // previous layer's last residual add itself); the barrier publishes the decision.
+                let run = match gate {
+                    None => true,
+                    Some(g) => {
+                        if ctx.tid() == 0 {
+                            unsafe {
+                                decisions.range_mut(l, l + 1)[0] = g(l, bufs.x.range(0, d));
+                            }
+                        }
+                        ctx.barrier();
+                        unsafe { decisions.range(l, l + 1)[0] }
+                    }
+                };
+                if run {
+                    r = self.layer_job(ctx, l, &bufs);
+                    if r.is_err() {
+                        break;
+                    }
                 }
             }
             if r.is_ok() {
@@ -636,8 +688,8 @@ impl NativeDecoder {
             err.set(r);
         });
         err.take()?;
-        for lc in &mut st.cache.layers {
-            lc.len += 1;
+        for (l, lc) in st.cache.layers.iter_mut().enumerate() {
+            lc.len += usize::from(gate.is_none() || executed[l]);
         }
         st.started = false;
         st.cache.pos += 1;
@@ -1227,6 +1279,23 @@ impl NativeState {
     /// Position of the next token.
     pub fn pos(&self) -> usize {
         self.cache.pos
+    }
+
+    /// Bytes of the keys and values stored for `dec`'s model (filled slots of every layer; a skipped
+    /// layer stores none for that token).
+    pub fn kv_bytes(&self, dec: &NativeDecoder) -> usize {
+        let kvd = dec.dims.kv_dim();
+        self.cache
+            .layers
+            .iter()
+            .map(|l| {
+                let elt = match l.k {
+                    KvBuf::F32(_) => 4,
+                    KvBuf::F16(_) => 2,
+                };
+                2 * l.len * kvd * elt
+            })
+            .sum()
     }
 
     /// Forget the sequence (the buffers are kept).

@@ -45,6 +45,8 @@ pub enum RouterError {
     Input(String),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Native(#[from] qtale_model::native::NativeError),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }

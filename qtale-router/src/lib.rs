@@ -15,6 +15,8 @@
 //! * [`kinds`]: router kinds by name (`dllm`, `static`, `random`, `dense`) behind the small
 //!   [`TrainableRouter`] trait the trainer and the experiment cells use; add a kind = one file + one
 //!   registry line.
+//! * [`native`]: [`NativeRouted`], routed batch-1 decode on the model crate's native CPU decoder
+//!   (each router's [`NativeGate`]: the same decision in plain f32).
 //! * [`calibrate`]: theta by bisection to a target ratio, or by a grid search on a caller's score.
 //! * [`analysis`]: router logit-gap histograms and Gumbel flip rates per layer.
 pub mod analysis;
@@ -24,6 +26,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod kinds;
+pub mod native;
 pub mod routed;
 pub mod router;
 pub mod stats;
@@ -38,6 +41,7 @@ pub use config::{KvPolicy, RoutingConfig};
 pub use decoder::RoutedDecoder;
 pub use error::{Result, RouterError};
 pub use kinds::{RouterBuild, RouterSpec, TrainableRouter};
+pub use native::{NativeExecCounts, NativeGate, NativeRouted};
 pub use routed::{hard_gumbel, ForwardOptions, Mode, RoutedHidden, RoutedLlama, RoutedOutput};
 pub use router::{logits_from_mask, DenseRouter, DllmRouter, RandomRouter, Router, StaticRouter};
 pub use stats::ExecStats;

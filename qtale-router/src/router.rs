@@ -16,6 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::batch::CalibBatch;
 use crate::config::RoutingConfig;
 use crate::error::{Result, RouterError};
+use crate::native::{f32_vec, rule_p, DllmGate, NativeGate, NativeMlp};
 
 /// Logit gap used by the rule-based routers: `softmax([0, SURE])[1]` is exactly 1.0 in f32, and
 /// `softmax([0, -SURE])[1]` is about 1e-13, so `theta = 0` still executes everything.
@@ -36,9 +37,17 @@ pub trait Router {
     fn weight_bytes(&self) -> usize {
         0
     }
+    /// The same decision function in plain f32 for the native CPU decoder ([`crate::native`]); `None`
+    /// when this router has no native form.
+    fn native_gate(&self) -> Result<Option<Box<dyn NativeGate>>> {
+        Ok(None)
+    }
 }
 
 impl<R: Router + ?Sized> Router for &R {
+    fn native_gate(&self) -> Result<Option<Box<dyn NativeGate>>> {
+        (**self).native_gate()
+    }
     fn logits(&self, layer: usize, x: &Tensor, positions: &Tensor) -> Tensor {
         (**self).logits(layer, x, positions)
     }
@@ -54,6 +63,9 @@ impl<R: Router + ?Sized> Router for &R {
 }
 
 impl<R: Router + ?Sized> Router for Box<R> {
+    fn native_gate(&self) -> Result<Option<Box<dyn NativeGate>>> {
+        (**self).native_gate()
+    }
     fn logits(&self, layer: usize, x: &Tensor, positions: &Tensor) -> Tensor {
         (**self).logits(layer, x, positions)
     }
@@ -85,6 +97,15 @@ impl Router for DenseRouter {
     }
     fn name(&self) -> String {
         "dense".into()
+    }
+    fn native_gate(&self) -> Result<Option<Box<dyn NativeGate>>> {
+        Ok(Some(Box::new(*self)))
+    }
+}
+
+impl NativeGate for DenseRouter {
+    fn p_exec(&self, _layer: usize, _x: &[f32], _pos: usize) -> f32 {
+        rule_p(true)
     }
 }
 
@@ -162,6 +183,15 @@ impl Router for StaticRouter {
     fn name(&self) -> String {
         format!("static(skip {:?})", self.skipped)
     }
+    fn native_gate(&self) -> Result<Option<Box<dyn NativeGate>>> {
+        Ok(Some(Box::new(self.clone())))
+    }
+}
+
+impl NativeGate for StaticRouter {
+    fn p_exec(&self, layer: usize, _x: &[f32], _pos: usize) -> f32 {
+        rule_p(!self.skipped.contains(&layer))
+    }
 }
 
 /// Executes each (row, position, layer) with probability `p`, independently and deterministically: the
@@ -205,6 +235,16 @@ impl Router for RandomRouter {
     }
     fn name(&self) -> String {
         format!("random(p={})", self.p)
+    }
+    fn native_gate(&self) -> Result<Option<Box<dyn NativeGate>>> {
+        Ok(Some(Box::new(*self)))
+    }
+}
+
+/// Batch 1: row 0, as in the tch path's single-sequence decode.
+impl NativeGate for RandomRouter {
+    fn p_exec(&self, layer: usize, _x: &[f32], pos: usize) -> f32 {
+        rule_p(self.decide(layer, 0, pos as i64))
     }
 }
 
@@ -475,6 +515,32 @@ impl Router for DllmRouter {
     }
     fn name(&self) -> String {
         format!("dllm(h={})", self.hidden)
+    }
+    fn native_gate(&self) -> Result<Option<Box<dyn NativeGate>>> {
+        let _g = tch::no_grad_guard();
+        let layers = self
+            .layers
+            .iter()
+            .map(|m| {
+                m.as_ref()
+                    .map(|m| -> Result<NativeMlp> {
+                        Ok(NativeMlp {
+                            fc1_w: f32_vec(&m.fc1_w)?,
+                            fc1_b: f32_vec(&m.fc1_b)?,
+                            norm_w: f32_vec(&m.norm_w)?,
+                            fc2_w: f32_vec(&m.fc2_w)?,
+                            fc2_b: f32_vec(&m.fc2_b)?,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Box::new(DllmGate {
+            layers,
+            d: self.d_model,
+            h: self.hidden,
+            eps: self.eps as f32,
+        })))
     }
     fn weight_bytes(&self) -> usize {
         self.vs
