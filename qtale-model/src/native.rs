@@ -20,7 +20,9 @@
 //! RoPE tables), [`NativeDecoder::step_layer`] (one decoder layer; a caller that skips layer `l` for
 //! this token simply does not call it, and no K/V is written for it, as eviction does in the tch
 //! path), [`NativeDecoder::finish_token`] (final norm, head, argmax). [`NativeDecoder::forward_token`]
-//! runs all three for every layer in one dispatch to the thread team.
+//! runs all three for every layer in one dispatch to the thread team, and
+//! [`NativeDecoder::forward_token_gated`] does the same with a [`LayerGate`] deciding per layer inside
+//! that dispatch (a router's MLP split over the team, no extra dispatch per layer).
 use half::f16;
 use qtale_quant::kernels::int4::{quantize_groups, Backend, Int4Matrix, QuantActs};
 use qtale_quant::kernels::int8::{Q8Acts, Q8Matrix};
@@ -620,27 +622,28 @@ impl NativeDecoder {
     }
 
     /// One token through the layers that `gate` lets execute, in one dispatch to the thread team.
-    /// Before layer `l`, thread 0 calls `gate(l, x)` with the residual stream `x` entering that layer
-    /// (what a D-LLM router reads) and publishes the decision through the team's barrier; a skipped
-    /// layer writes no K/V for this token (eviction). `executed[l]` receives the decisions (its length
-    /// must be the number of layers). Returns the argmax of the logits.
+    /// Before layer `l`, the team runs [`LayerGate::parallel`] on the residual stream `x` entering that
+    /// layer (what a D-LLM router reads), then thread 0 calls [`LayerGate::decide`] and the team's
+    /// barrier publishes the decision; a skipped layer writes no K/V for this token (eviction).
+    /// `executed[l]` receives the decisions (its length must be the number of layers). Returns the
+    /// argmax of the logits.
     pub fn forward_token_gated(
         &self,
         token: i64,
         st: &mut NativeState,
-        gate: &(dyn Fn(usize, &[f32]) -> bool + Sync),
+        gate: &dyn LayerGate,
         executed: &mut [bool],
     ) -> NResult<usize> {
         self.run_token(token, st, Some(gate), executed)
     }
 
-    /// [`NativeDecoder::forward_token_gated`], or every layer without the per-layer barrier when
+    /// [`NativeDecoder::forward_token_gated`], or every layer without the per-layer barriers when
     /// `gate` is `None` (then `executed` is ignored).
     fn run_token(
         &self,
         token: i64,
         st: &mut NativeState,
-        gate: Option<&(dyn Fn(usize, &[f32]) -> bool + Sync)>,
+        gate: Option<&dyn LayerGate>,
         executed: &mut [bool],
     ) -> NResult<usize> {
         if gate.is_some() && executed.len() != self.layers.len() {
@@ -661,19 +664,22 @@ impl NativeDecoder {
         self.pool.run(|ctx| {
             let mut r = Ok(());
             for l in 0..self.layers.len() {
-                // SAFETY: thread 0 alone writes decision `l` and reads `x` (complete: thread 0 did the
-                // previous layer's last residual add itself); the barrier publishes the decision.
+                // SAFETY: thread 0 did the previous layer's last residual add after that layer's last
+                // barrier, so a barrier makes `x` complete for the team; between the barriers the
+                // team only reads `x`; thread 0 alone writes decision `l`, the last barrier
+                // publishes it.
                 let run = match gate {
                     None => true,
-                    Some(g) => {
+                    Some(g) => unsafe {
+                        ctx.barrier(); // x complete for everyone
+                        g.parallel(ctx, l, bufs.x.range(0, d));
+                        ctx.barrier();
                         if ctx.tid() == 0 {
-                            unsafe {
-                                decisions.range_mut(l, l + 1)[0] = g(l, bufs.x.range(0, d));
-                            }
+                            decisions.range_mut(l, l + 1)[0] = g.decide(l, bufs.x.range(0, d));
                         }
                         ctx.barrier();
-                        unsafe { decisions.range(l, l + 1)[0] }
-                    }
+                        decisions.range(l, l + 1)[0]
+                    },
                 };
                 if run {
                     r = self.layer_job(ctx, l, &bufs);
@@ -1010,6 +1016,16 @@ impl NativeDecoder {
         st.import_tch_cache(&cache, self)?;
         Ok(next)
     }
+}
+
+/// A per-layer execute decision made by the decoder's thread team before each layer runs (the router
+/// crate implements it for its routers).
+pub trait LayerGate: Sync {
+    /// Every thread of the team, same arguments: the heavy part of the decision on `x` (the residual
+    /// stream entering layer `l`), split with [`Ctx::chunks`]; results go to the gate's own scratch.
+    fn parallel(&self, _ctx: &Ctx, _l: usize, _x: &[f32]) {}
+    /// Thread 0, after the team's [`LayerGate::parallel`]: whether layer `l` runs for this token.
+    fn decide(&self, l: usize, x: &[f32]) -> bool;
 }
 
 /// How [`NativeDecoder::generate_greedy`] runs the prompt.

@@ -16,7 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::batch::CalibBatch;
 use crate::config::RoutingConfig;
 use crate::error::{Result, RouterError};
-use crate::native::{f32_vec, rule_p, DllmGate, NativeGate, NativeMlp};
+use crate::native::{f32_vec, rule_p, DllmGate, NativeGate, NativeMlp, Scratch};
 
 /// Logit gap used by the rule-based routers: `softmax([0, SURE])[1]` is exactly 1.0 in f32, and
 /// `softmax([0, -SURE])[1]` is about 1e-13, so `theta = 0` still executes everything.
@@ -537,9 +537,10 @@ impl Router for DllmRouter {
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Box::new(DllmGate {
             layers,
-            d: self.d_model,
             h: self.hidden,
             eps: self.eps as f32,
+            backend: qtale_quant::kernels::int4::Backend::detect(),
+            hid: Scratch::new(self.hidden),
         })))
     }
     fn weight_bytes(&self) -> usize {

@@ -178,7 +178,7 @@ fn dllm_gate_equals_tch_softmax() {
             .softmax(-1, Kind::Float)
             .view([-1])
             .double_value(&[1]);
-        let q = gate.p_exec(l, &xs, 0) as f64;
+        let q = gate.p_exec_alone(l, &xs, 0) as f64;
         assert!((p - q).abs() < 1e-6, "layer {l}: tch {p} vs native {q}");
     }
 }
