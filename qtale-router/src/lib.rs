@@ -17,6 +17,7 @@
 //!   registry line.
 //! * [`calibrate`]: theta by bisection to a target ratio, or by a grid search on a caller's score.
 //! * [`analysis`]: router logit-gap histograms and Gumbel flip rates per layer.
+//! * [`splitmix`]: the SplitMix64 hash (random router decisions, the trainer's per-step seeds).
 pub mod analysis;
 pub mod batch;
 pub mod calibrate;
@@ -26,6 +27,7 @@ pub mod error;
 pub mod kinds;
 pub mod routed;
 pub mod router;
+pub mod splitmix;
 pub mod stats;
 
 pub use analysis::{analyze, AnalysisOptions, LayerAnalysis, RouterAnalysis};
