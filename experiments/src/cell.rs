@@ -19,10 +19,11 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind};
 
-use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
+use qtale_eval::indicatif::ProgressStyle;
+use qtale_eval::metrics::Csqa7;
 use qtale_eval::provenance::{Numerics, Provenance};
 use qtale_eval::report::model_hash;
-use qtale_eval::run::{evaluate_task, TaskResult};
+use qtale_eval::run::{evaluate_tasks, TaskBars, TaskResult};
 use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
 use qtale_model::ptq::{quantize_model, PtqOptions};
 use qtale_model::quantized_io::{load_quantized, save_quantized};
@@ -339,10 +340,7 @@ pub struct TaskRow {
 impl TaskRow {
     fn from(r: &TaskResult) -> Self {
         let m = &r.metrics;
-        let (score, score_stderr) = match (r.task.headline_metric(), m.acc_norm) {
-            (qtale_eval::tasks::Metric::AccNorm, Some(n)) => (n.mean, n.stderr),
-            _ => (m.acc.mean, m.acc.stderr),
-        };
+        let score = m.headline(r.task);
         TaskRow {
             task: r.task.name().to_string(),
             n: m.n,
@@ -350,8 +348,8 @@ impl TaskRow {
             acc_stderr: m.acc.stderr,
             acc_norm: m.acc_norm.map(|x| x.mean),
             acc_norm_stderr: m.acc_norm.map(|x| x.stderr),
-            score,
-            score_stderr,
+            score: score.mean,
+            score_stderr: score.stderr,
             exec_ratio: r.efficiency.exec_ratio,
             flops_rel_dense: r.efficiency.flops_rel_dense.unwrap_or(1.0),
             wall_s: r.efficiency.wall_s,
@@ -831,7 +829,7 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
         None => &lm.model,
     };
     // 5. Evaluate.
-    let (tasks, ppl) = evaluate(dec, &lm.model.config, &lm.tokenizer, cell, env)?;
+    let (tasks, csqa7, ppl) = evaluate(dec, &lm.model.config, &lm.tokenizer, cell, env)?;
     let weight_bytes = dec.weight_bytes();
     let tok_sum: usize = tasks
         .iter()
@@ -849,7 +847,6 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
         .is_some()
         .then(|| wavg(&|t: &TaskRow| t.exec_ratio.unwrap_or(1.0)));
     let flops = wavg(&|t: &TaskRow| t.flops_rel_dense);
-    let (csqa7, csqa7_stderr) = csqa7_of(&tasks);
     let res = CellResult {
         key: key.clone(),
         name: cell.name.clone(),
@@ -862,8 +859,8 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
         calib_nll,
         calib_nll_reference: calib_ref,
         tasks,
-        csqa7,
-        csqa7_stderr,
+        csqa7: csqa7.map(|c| c.mean),
+        csqa7_stderr: csqa7.map(|c| c.stderr),
         ppl,
         exec_ratio,
         flops_rel_dense: flops,
@@ -944,56 +941,30 @@ pub fn measure_theta(
     })
 }
 
-fn csqa7_of(tasks: &[TaskRow]) -> (Option<f64>, Option<f64>) {
-    let mut se2 = 0.0;
-    let mut sum = 0.0;
-    for t in TaskId::CSQA7 {
-        match tasks.iter().find(|r| r.task == t.name()) {
-            Some(r) => {
-                sum += r.score;
-                se2 += r.score_stderr * r.score_stderr;
-            }
-            None => return (None, None),
-        }
-    }
-    let k = TaskId::CSQA7.len() as f64;
-    (Some(sum / k), Some(se2.sqrt() / k))
-}
-
 fn evaluate(
     dec: &dyn Decoder,
     dec_config: &qtale_model::LlamaConfig,
     tok: &tokenizers::Tokenizer,
     cell: &CellConfig,
     env: &Env,
-) -> Result<(Vec<TaskRow>, Option<f64>)> {
+) -> Result<(Vec<TaskRow>, Option<Csqa7>, Option<f64>)> {
     let tasks = TaskId::parse_list(&cell.eval.tasks)?;
     let enc = EncodeConfig::for_model(dec_config, false)?;
-    let mut rows = Vec::new();
-    for task in tasks {
-        let data = load_task(task, &env.data_root, None, cell.eval.limit)?;
-        let n_req: usize = data.docs.iter().map(|d| d.requests.len()).sum();
-        let bar = if env.quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(n_req as u64)
-        };
-        bar.set_style(ProgressStyle::with_template(
+    let data = tasks
+        .into_iter()
+        .map(|t| load_task(t, &env.data_root, None, cell.eval.limit))
+        .collect::<qtale_eval::Result<Vec<_>>>()?;
+    let mut bars = TaskBars::new(
+        ProgressStyle::with_template(
             "{prefix:>14} {bar:30} {pos}/{len} requests, {elapsed} < {eta}",
-        )?);
-        bar.set_prefix(task.name());
-        let mut scorer = LmScorer::new(dec, cell.eval.batch_size);
-        let r = evaluate_task(
-            &mut scorer,
-            tok,
-            &enc,
-            &data,
-            dec.weight_bytes(),
-            &mut |n| bar.set_position(n as u64),
-        )?;
-        bar.finish_and_clear();
-        rows.push(TaskRow::from(&r));
-    }
+        )?,
+        env.quiet,
+        false,
+    );
+    let mut scorer = LmScorer::new(dec, cell.eval.batch_size);
+    let (results, csqa7) =
+        evaluate_tasks(&mut scorer, tok, &enc, &data, dec.weight_bytes(), &mut bars)?;
+    let rows = results.iter().map(TaskRow::from).collect();
     let ppl = if cell.eval.ppl_windows > 0 {
         let w =
             qtale_model::corpus::heldout_windows(tok, cell.eval.ppl_windows, cell.eval.ppl_len)?;
@@ -1006,5 +977,5 @@ fn evaluate(
     } else {
         None
     };
-    Ok((rows, ppl))
+    Ok((rows, csqa7, ppl))
 }

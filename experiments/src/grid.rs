@@ -619,30 +619,12 @@ fn check_one_origin(results: &[CellResult], allow_mixed: bool) -> Result<()> {
     Ok(())
 }
 
-/// The tasks that appear in any result, in the harness's order.
+/// The registered tasks that appear in any result, in registration order.
 fn task_columns(results: &[CellResult]) -> Vec<TaskId> {
-    TaskId::ALL
-        .iter()
-        .copied()
+    qtale_eval::tasks::all()
+        .into_iter()
         .filter(|t| results.iter().any(|r| r.task(t.name()).is_some()))
         .collect()
-}
-
-fn short(t: TaskId) -> &'static str {
-    match t {
-        TaskId::Piqa => "PIQA",
-        TaskId::Boolq => "BoolQ",
-        TaskId::BoolqGoogle => "BoolQ-g",
-        TaskId::SocialIqa => "SIQA",
-        TaskId::ArcEasy => "ARC-e",
-        TaskId::ArcChallenge => "ARC-c",
-        TaskId::Winogrande => "WinoG",
-        TaskId::Openbookqa => "OBQA",
-        TaskId::Hellaswag => "HellaS",
-        TaskId::Copa => "COPA",
-        TaskId::CommonsenseQa => "CSQA",
-        TaskId::Sciq => "SciQ",
-    }
 }
 
 fn fmt_opt(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
@@ -662,7 +644,7 @@ pub fn format_table(results: &[CellResult]) -> String {
         + 1;
     let mut s = format!("{:<w$}", "variant");
     for t in &tasks {
-        s += &format!(" {:>6}", short(*t));
+        s += &format!(" {:>6}", t.label());
     }
     s += &format!(
         " {:>12} {:>7} {:>6} {:>6} {:>6} {:>8}\n",

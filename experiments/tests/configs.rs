@@ -2,9 +2,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+mod common;
+
 use clap::Parser;
 use experiments::cell::key_of;
-use experiments::grid::{substitute, to_cell, ExperimentFile, GridArgs};
+use experiments::grid::{run_grid, substitute, to_cell, ExperimentFile, GridArgs};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -81,6 +83,62 @@ fn main_table_is_three_variants_by_nine_quantizers() {
         .train
         .clone();
     assert_eq!(a, b);
+}
+
+/// The router-baseline ablation trains one of each registered built-in router kind under the same
+/// recipe, and its D-LLM and reference cells are the ablation's at `--steps 40 --limit 40` (shared
+/// cells and stages).
+#[test]
+fn router_ablation_compares_the_registered_kinds() {
+    let cs = cells("ablation-routers.toml", &args(&[]));
+    let kinds: Vec<String> = cs
+        .iter()
+        .filter_map(|c| Some(c.train.as_ref()?.resolve().unwrap().router.kind))
+        .collect();
+    assert_eq!(kinds, ["dllm", "static", "random", "dense"]);
+    for k in &kinds {
+        assert!(qtale_router::kinds::kinds().contains(k), "{k}");
+    }
+    assert!(cs.iter().all(|c| c.eval.limit == Some(40)));
+    let ablation = cells("ablation.toml", &args(&["--steps", "40", "--limit", "40"]));
+    let key = |cs: &[experiments::cell::CellConfig], name: &str| {
+        let mut c = cs.iter().find(|c| c.name == name).unwrap().clone();
+        c.name.clear();
+        key_of(&c)
+    };
+    assert_eq!(key(&cs, "dense-quant"), key(&ablation, "dense-quant"));
+    assert_eq!(
+        key(&cs, "router-dllm"),
+        key(&ablation, "no-entropy/theta-0.5")
+    );
+}
+
+/// `--list` of every committed config runs (cell keys and stage directories, nothing computed) on a
+/// tiny model, so no set-up assets are needed.
+#[test]
+fn every_committed_config_lists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    common::tiny_model_dir(&model);
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
+    for e in std::fs::read_dir(configs()).unwrap() {
+        let cfg = e.unwrap().path();
+        let a = args(&[
+            "--config",
+            &p(&cfg),
+            "--model",
+            &p(&model),
+            "--out",
+            &p(&tmp.path().join("out")),
+            "--cache",
+            &p(&tmp.path().join("cache")),
+            "--list",
+        ]);
+        let (_, file, results) =
+            run_grid(&a, "list", None).unwrap_or_else(|e| panic!("{}: {e:#}", cfg.display()));
+        assert!(!file.variants.is_empty());
+        assert!(results.is_empty(), "--list computes nothing");
+    }
 }
 
 #[test]

@@ -5,9 +5,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod common;
+
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
+use qtale_eval::data::Row;
+use qtale_eval::run::{evaluate_tasks, Silent};
+use qtale_eval::tasks::{self, check_gold};
+use qtale_eval::{load_task, EncodeConfig, LmScorer, McDoc, TaskId, TaskSpec};
 use qtale_model::config::HfConfig;
 use qtale_model::ptq::{quantize_model, PtqOptions};
 use qtale_model::Llama;
@@ -282,4 +288,92 @@ fn a_registered_loss_term_joins_the_objective() {
     assert!((part("logit_l2") - want).abs() < 1e-5 * want.max(1.0));
     let total = f64::try_from(&v.total).unwrap();
     assert!((total - (part("ce") + 0.5 * part("logit_l2"))).abs() < 1e-4 * total.abs().max(1.0));
+}
+
+// --- A benchmark task: a `TaskSpec` (name, metric, size, data location, row rule), registered. ---
+
+/// Which word continues a counting run: `{"run": "w5 w6 w7", "options": ["w8", "w3"], "answer": 0}`;
+/// the run is the context, each option a continuation.
+fn next_word_doc(doc_id: usize, row: &Row) -> qtale_eval::Result<McDoc> {
+    let options = row.str_list("options")?;
+    let gold = check_gold(row, "answer", row.int("answer")?, options.len())?;
+    Ok(McDoc::shared(
+        doc_id,
+        row.str("run")?.to_string(),
+        options,
+        gold,
+    ))
+}
+
+static NEXT_WORD: TaskSpec = TaskSpec {
+    name: "next_word",
+    aliases: &["nw"],
+    label: "NextW",
+    acc_norm: true,
+    full_count: 6,
+    split: "test",
+    file: "next_word/test.jsonl",
+    note: None,
+    build_doc: next_word_doc,
+};
+
+#[test]
+fn a_registered_task_is_scored_through_the_shared_evaluate_entry() {
+    let _ = tasks::register(&NEXT_WORD);
+    assert!(tasks::names().contains(&"next_word"));
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    std::fs::create_dir_all(root.join("next_word")).unwrap();
+    let mut rows = String::new();
+    for i in 0..6 {
+        let a = 2 + 5 * i;
+        let run: Vec<String> = (a..a + 3).map(common::word).collect();
+        let (right, wrong) = (common::word(a + 3), common::word(2 + (a + 20) % 60));
+        let (options, answer) = if i % 2 == 0 {
+            ([right, wrong], 0)
+        } else {
+            ([wrong, right], 1)
+        };
+        rows += &json!({"run": run.join(" "), "options": options, "answer": answer}).to_string();
+        rows.push('\n');
+    }
+    std::fs::write(root.join(NEXT_WORD.file), rows).unwrap();
+    let dir = tmp.path().join("tiny");
+    common::tiny_model_dir(&dir);
+    let lm = qtale_model::load_model(
+        &qtale_model::ModelSource::HfDir(dir),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+
+    // Selected by name or alias, as `--tasks` and `eval.tasks` do; loaded from its default file.
+    let list = TaskId::parse_list("next_word,nw").unwrap();
+    assert_eq!(list.len(), 1);
+    let data = load_task(list[0], &root, None, None).unwrap();
+    assert_eq!((data.docs.len(), data.source.split.as_str()), (6, "test"));
+    let enc = EncodeConfig::for_model(&lm.model.config, false).unwrap();
+    let mut scorer = LmScorer::new(&lm.model, 4);
+    let (res, csqa7) =
+        evaluate_tasks(&mut scorer, &lm.tokenizer, &enc, &[data], 0, &mut Silent).unwrap();
+    assert!(csqa7.is_none(), "CSQA-7 needs its seven tasks");
+    let r = &res[0];
+    assert_eq!(serde_json::to_value(r.task).unwrap(), json!("next_word"));
+    assert_eq!(r.metrics.n, 6);
+    assert!(r.metrics.acc_norm.is_some(), "the spec reports acc_norm");
+    // The registered rule built the requests: doc 0's choices are the run continued by each option,
+    // and the harness's log-likelihoods are the model's own for those tokens.
+    let d0 = &r.docs[0];
+    assert_eq!((d0.gold, d0.lls.len()), (0, 2));
+    let ids = Tensor::from_slice(&[2i64, 3, 4]).view([1, 3]);
+    let logits = lm.model.forward(&ids, None).unwrap().logits;
+    let lp = logits.get(0).get(2).log_softmax(-1, Kind::Float);
+    for (choice, token) in [(0, 5i64), (1, 24)] {
+        let want = lp.double_value(&[token]);
+        assert!(
+            (d0.lls[choice] - want).abs() < 1e-4,
+            "{choice}: {} vs {want}",
+            d0.lls[choice]
+        );
+    }
 }

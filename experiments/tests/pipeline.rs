@@ -4,12 +4,13 @@
 //! cell files, and a reference check of the dense cell against a direct harness run.
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use clap::Parser;
 use experiments::grid::{run_grid, write_outputs, GridArgs};
 use qtale_eval::run::evaluate_task;
 use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
 use qtale_model::{load_model, ModelSource};
-use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser)]
@@ -33,54 +34,9 @@ fn data_root() -> Option<PathBuf> {
     panic!("{} not found: run `bash scripts/setup.sh`", root.display());
 }
 
-/// A random 4-layer LLaMA over the SmolLM2 vocabulary, as config.json + model.safetensors + tokenizer.
+/// The tiny model over the SmolLM2 vocabulary and tokenizer, so the real task data tokenizes.
 fn tiny_hf_dir(dir: &Path, gguf: &Path) {
-    let (vocab, d, ff, layers) = (49152i64, 64i64, 128i64, 4usize);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut rnd = |shape: &[i64], s: f64| {
-        let n: i64 = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-s..s) as f32).collect();
-        Tensor::from_slice(&v).view(shape)
-    };
-    let mut t: Vec<(String, Tensor)> = vec![
-        ("model.embed_tokens.weight".into(), rnd(&[vocab, d], 0.5)),
-        (
-            "model.norm.weight".into(),
-            Tensor::ones([d], (Kind::Float, Device::Cpu)),
-        ),
-    ];
-    let b = (3.0 / d as f64).sqrt();
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        for (n, o, inp) in [
-            ("self_attn.q_proj", 64, d),
-            ("self_attn.k_proj", 32, d),
-            ("self_attn.v_proj", 32, d),
-            ("self_attn.o_proj", d, 64),
-            ("mlp.gate_proj", ff, d),
-            ("mlp.up_proj", ff, d),
-            ("mlp.down_proj", d, ff),
-        ] {
-            t.push((format!("{p}.{n}.weight"), rnd(&[o, inp], b)));
-        }
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            t.push((format!("{p}.{n}.weight"), rnd(&[d], 0.2) + 1.0));
-        }
-    }
-    let refs: Vec<(&str, &Tensor)> = t.iter().map(|(n, x)| (n.as_str(), x)).collect();
-    Tensor::write_safetensors(&refs, dir.join("model.safetensors")).unwrap();
-    let cfg = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-        "hidden_size": d, "intermediate_size": ff, "num_hidden_layers": layers,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"
-    });
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    // The SmolLM2 tokenizer, from the set-up's GGUF.
-    let g = qtale_model::gguf::GgufFile::open(gguf).unwrap();
-    let tok = qtale_model::tokenizer::tokenizer_from_gguf(&g).unwrap();
-    tok.save(dir.join("tokenizer.json"), false).unwrap();
+    common::write_tiny_model(dir, common::TinyTokenizer::Smollm2(gguf));
 }
 
 const CONFIG: &str = r#"
@@ -165,7 +121,8 @@ fn miniature_pipeline_end_to_end_and_resumed() {
     // The dense cell equals a direct harness run on the same model.
     let lm = load_model(&ModelSource::HfDir(model.clone()), Device::Cpu, Kind::Float).unwrap();
     let enc = EncodeConfig::for_model(&lm.model.config, false).unwrap();
-    for task in [TaskId::Piqa, TaskId::ArcEasy, TaskId::Winogrande] {
+    for name in ["piqa", "arc_easy", "winogrande"] {
+        let task = TaskId::parse(name).unwrap();
         let data = load_task(task, &root, None, Some(3)).unwrap();
         let mut s = LmScorer::new(&lm.model, 4);
         let r = evaluate_task(&mut s, &lm.tokenizer, &enc, &data, 0, &mut |_| {}).unwrap();

@@ -4,8 +4,9 @@
 //!
 //! * [`data`]: Arrow IPC stream / Parquet / gzip JSONL readers into rows that name file, row and field
 //!   in their errors.
-//! * [`tasks`]: the tasks as data (PIQA, BoolQ, SIQA, ARC-e, ARC-c, WinoGrande, OBQA, HellaSwag, COPA,
-//!   CommonsenseQA, SciQ): where their docs are and how a row becomes `(context, continuation)` pairs.
+//! * [`tasks`]: the task registry (PIQA, BoolQ, SIQA, ARC-e, ARC-c, WinoGrande, OBQA, HellaSwag, COPA,
+//!   CommonsenseQA, SciQ; one [`tasks::TaskSpec`] file each, more by [`tasks::register`]): where their
+//!   docs are and how a row becomes `(context, continuation)` pairs.
 //! * [`encode`]: lm-eval's pair tokenization (trailing-space move, prefix token, BOS flag).
 //! * [`scorer`]: the [`scorer::Scorer`] interface and the batched, context-sharing [`scorer::LmScorer`]
 //!   over any `qtale_model::Decoder` (the dense `Llama`, quantized ones included, and the router
@@ -14,7 +15,8 @@
 //! * [`paired`]: paired per-doc comparisons of two variants (bootstrap intervals, McNemar's exact test,
 //!   docs needed to resolve a difference).
 //! * [`ppl`]: perplexity over non-overlapping windows and KL divergence.
-//! * [`run`], [`report`]: scoring a task, and the results JSON / CSV / per-doc log.
+//! * [`run`], [`report`]: scoring a task list ([`run::evaluate_tasks`], shared by the `eval` binary and
+//!   the experiment cells), and the results JSON / CSV / per-doc log.
 pub mod data;
 pub mod encode;
 pub mod error;
@@ -30,7 +32,7 @@ pub mod tasks;
 pub use encode::EncodeConfig;
 pub use error::{EvalError, Result};
 pub use scorer::{LlRequest, LlResult, LmScorer, Scorer};
-pub use tasks::{load_task, McDoc, TaskData, TaskId};
+pub use tasks::{load_task, McDoc, TaskData, TaskId, TaskSpec};
 
 /// Re-exported for binaries that draw the progress bar.
 pub use indicatif;

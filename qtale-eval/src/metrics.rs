@@ -1,7 +1,7 @@
 //! Accuracy metrics as lm-eval computes them, with the standard error of the mean.
 use serde::Serialize;
 
-use crate::tasks::{Metric, TaskId};
+use crate::tasks::{Metric, TaskId, CSQA7};
 
 /// First index of the maximum (numpy `argmax`; NaN never wins).
 pub fn argmax(xs: &[f64]) -> usize {
@@ -102,6 +102,14 @@ impl TaskMetrics {
         }
     }
 
+    /// The task's headline metric ([`TaskId::headline_metric`]) with its standard error.
+    pub fn headline(&self, task: TaskId) -> MeanStderr {
+        match (task.headline_metric(), self.acc_norm) {
+            (Metric::AccNorm, Some(n)) => n,
+            _ => self.acc,
+        }
+    }
+
     pub fn get(&self, m: Metric) -> f64 {
         match m {
             Metric::Acc => self.acc.mean,
@@ -110,13 +118,34 @@ impl TaskMetrics {
     }
 }
 
+/// The CSQA-7 average with its standard error.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Csqa7 {
+    pub mean: f64,
+    /// `sqrt(sum of the seven tasks' squared standard errors) / 7` (the tasks are independent samples).
+    pub stderr: f64,
+}
+
 /// The CSQA-7 average: unweighted mean over PIQA, BoolQ, SIQA, ARC-e, ARC-c, WinoGrande, OBQA of each
-/// task's headline metric ([`TaskId::headline_metric`]). `None` unless all seven are present.
-pub fn csqa7_average(results: &[(TaskId, &TaskMetrics)]) -> Option<f64> {
+/// task's headline metric ([`TaskId::headline_metric`]), and its standard error. `None` unless all
+/// seven are present.
+pub fn csqa7(results: &[(TaskId, &TaskMetrics)]) -> Option<Csqa7> {
     let mut sum = 0.0;
-    for t in TaskId::CSQA7 {
-        let (_, m) = results.iter().find(|(id, _)| *id == t)?;
-        sum += m.get(t.headline_metric());
+    let mut se2 = 0.0;
+    for name in CSQA7 {
+        let (t, m) = results.iter().find(|(id, _)| id.name() == name)?;
+        let s = m.headline(*t);
+        sum += s.mean;
+        se2 += s.stderr * s.stderr;
     }
-    Some(sum / TaskId::CSQA7.len() as f64)
+    let k = CSQA7.len() as f64;
+    Some(Csqa7 {
+        mean: sum / k,
+        stderr: se2.sqrt() / k,
+    })
+}
+
+/// The mean of [`csqa7`].
+pub fn csqa7_average(results: &[(TaskId, &TaskMetrics)]) -> Option<f64> {
+    csqa7(results).map(|c| c.mean)
 }

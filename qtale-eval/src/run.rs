@@ -1,12 +1,16 @@
-//! Scoring a loaded task with a [`Scorer`]: build the requests, score them, regroup per doc.
+//! Scoring loaded tasks with a [`Scorer`]: build the requests, score them, regroup per doc; and the
+//! one loop over a task list (with the CSQA-7 average) that the `eval` binary and the experiment
+//! cells share.
 use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
 
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::encode::{encode_pair, EncodeConfig};
 use crate::error::Result;
-use crate::metrics::{DocScore, TaskMetrics};
+use crate::metrics::{csqa7, Csqa7, DocScore, TaskMetrics};
 use crate::scorer::{LlRequest, ScoreStats, Scorer};
 use crate::tasks::{TaskData, TaskId, TaskSource};
 
@@ -120,4 +124,105 @@ pub fn evaluate_task(
         efficiency,
         docs,
     })
+}
+
+/// What a caller sees of [`evaluate_tasks`]' progress (every method does nothing by default).
+pub trait Progress {
+    /// A task starts with `requests` requests to score.
+    fn start(&mut self, _task: TaskId, _requests: usize) {}
+    /// `done` requests of the current task are scored.
+    fn advance(&mut self, _done: usize) {}
+    /// The current task is scored.
+    fn finish(&mut self, _result: &TaskResult) {}
+}
+
+/// No progress report.
+pub struct Silent;
+
+impl Progress for Silent {}
+
+/// One progress bar per task (the task name as its message and prefix), optionally hidden, and
+/// optionally a summary line per finished task on stderr.
+pub struct TaskBars {
+    style: ProgressStyle,
+    hidden: bool,
+    summary: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl TaskBars {
+    pub fn new(style: ProgressStyle, hidden: bool, summary: bool) -> Self {
+        TaskBars {
+            style,
+            hidden,
+            summary,
+            bar: None,
+        }
+    }
+}
+
+impl Progress for TaskBars {
+    fn start(&mut self, task: TaskId, requests: usize) {
+        let bar = if self.hidden {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(requests as u64)
+        };
+        bar.set_style(self.style.clone());
+        bar.set_message(task.name());
+        bar.set_prefix(task.name());
+        self.bar = Some(bar);
+    }
+    fn advance(&mut self, done: usize) {
+        if let Some(b) = &self.bar {
+            b.set_position(done as u64);
+        }
+    }
+    fn finish(&mut self, r: &TaskResult) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        if !self.summary {
+            return;
+        }
+        let m = &r.metrics;
+        eprintln!(
+            "{:>14}: n={:5} acc={:.4}±{:.4}{} | {:.1}s, {:.2} docs/s, {:.0} tok/s",
+            r.task.name(),
+            m.n,
+            m.acc.mean,
+            m.acc.stderr,
+            m.acc_norm
+                .map(|a| format!(" acc_norm={:.4}±{:.4}", a.mean, a.stderr))
+                .unwrap_or_default(),
+            r.efficiency.wall_s,
+            r.efficiency.docs_per_s,
+            r.efficiency.tokens_per_s
+        );
+    }
+}
+
+/// Score every loaded task in order with one scorer, and the CSQA-7 average over them (`None` unless
+/// all seven of its tasks are among them).
+pub fn evaluate_tasks(
+    scorer: &mut dyn Scorer,
+    tok: &Tokenizer,
+    enc: &EncodeConfig,
+    tasks: &[TaskData],
+    weight_bytes: usize,
+    progress: &mut dyn Progress,
+) -> Result<(Vec<TaskResult>, Option<Csqa7>)> {
+    let mut results = Vec::with_capacity(tasks.len());
+    for data in tasks {
+        let n_req: usize = data.docs.iter().map(|d| d.requests.len()).sum();
+        progress.start(data.task, n_req);
+        let r = evaluate_task(scorer, tok, enc, data, weight_bytes, &mut |n| {
+            progress.advance(n)
+        })?;
+        progress.finish(&r);
+        results.push(r);
+    }
+    let pairs: Vec<(TaskId, &TaskMetrics)> = results.iter().map(|r| (r.task, &r.metrics)).collect();
+    let avg = csqa7(&pairs);
+    Ok((results, avg))
 }

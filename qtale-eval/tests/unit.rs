@@ -22,6 +22,11 @@ fn row(v: Value) -> Row {
     }
 }
 
+/// A registered task by name.
+fn t(name: &str) -> TaskId {
+    TaskId::parse(name).unwrap()
+}
+
 fn doc(task: TaskId, v: Value) -> McDoc {
     build_doc(task, 0, &row(v)).unwrap()
 }
@@ -36,7 +41,7 @@ fn pairs(d: &McDoc) -> Vec<(&str, &str)> {
 #[test]
 fn arc_prompts_from_raw_fields_and_from_olmes_docs() {
     let raw = doc(
-        TaskId::ArcEasy,
+        t("arc_easy"),
         json!({"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["A", "B"]}, "answerKey": "B"}),
     );
     assert_eq!(
@@ -48,14 +53,14 @@ fn arc_prompts_from_raw_fields_and_from_olmes_docs() {
     );
     assert_eq!(raw.gold, 1);
     let olmes = doc(
-        TaskId::ArcChallenge,
+        t("arc_challenge"),
         json!({"query": "Question: Which is a gas?\nAnswer:", "choices": ["ice", "steam"], "gold": 1}),
     );
     assert_eq!(olmes.requests, raw.requests);
     assert_eq!(olmes.gold, 1);
     // Numeric labels ("1".."4") as some ARC rows have.
     let num = doc(
-        TaskId::ArcEasy,
+        t("arc_easy"),
         json!({"question": "Q", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}, "answerKey": "3"}),
     );
     assert_eq!(num.gold, 2);
@@ -64,7 +69,7 @@ fn arc_prompts_from_raw_fields_and_from_olmes_docs() {
 #[test]
 fn openbookqa_uses_the_bare_question_stem() {
     let d = doc(
-        TaskId::Openbookqa,
+        t("openbookqa"),
         json!({"question_stem": "The sun is responsible for", "choices": {"text": ["puppies learning new tricks", "plants sprouting"], "label": ["A", "B"]}, "answerKey": " B"}),
     );
     assert_eq!(
@@ -76,7 +81,7 @@ fn openbookqa_uses_the_bare_question_stem() {
     );
     assert_eq!(d.gold, 1);
     let o = doc(
-        TaskId::Openbookqa,
+        t("openbookqa"),
         json!({"query": "Question: The sun is responsible for\nAnswer:", "choices": ["puppies learning new tricks", "plants sprouting"], "gold": 1}),
     );
     assert_eq!(o.requests, d.requests);
@@ -86,7 +91,7 @@ fn openbookqa_uses_the_bare_question_stem() {
 fn boolq_choices_are_no_then_yes() {
     // google/boolq (no title): only as `boolq_google`.
     let d = doc(
-        TaskId::BoolqGoogle,
+        t("boolq_google"),
         json!({"question": "is water wet", "answer": true, "passage": "Water is a liquid."}),
     );
     assert_eq!(
@@ -104,7 +109,7 @@ fn boolq_choices_are_no_then_yes() {
     );
     assert_eq!(d.gold, 1);
     let f = doc(
-        TaskId::BoolqGoogle,
+        t("boolq_google"),
         json!({"question": "q", "answer": false, "passage": "p"}),
     );
     assert_eq!(f.gold, 0);
@@ -126,20 +131,20 @@ fn boolq_is_the_super_glue_form_from_every_layout() {
     ];
     // OLMES lists the choices yes-first; `gold` indexes that list.
     let olmes = doc(
-        TaskId::Boolq,
+        t("boolq"),
         json!({"idx": 0, "query": "Water -- Water is a liquid.\nQuestion: is water wet?\nAnswer:", "choices": ["yes", "no"], "gold": 0}),
     );
     assert_eq!(pairs(&olmes), want);
     assert_eq!(olmes.gold, 1);
     let no = doc(
-        TaskId::Boolq,
+        t("boolq"),
         json!({"query": "T -- p\nQuestion: q?\nAnswer:", "choices": ["yes", "no"], "gold": 1}),
     );
     assert_eq!(no.gold, 0);
     assert_eq!(no.requests[0].0, "T -- p\nQuestion: q?\nAnswer:");
     // A passage that itself mentions "Question:" on a new line: the last one starts the question.
     let tricky = doc(
-        TaskId::Boolq,
+        t("boolq"),
         json!({"query": "T -- a\nQuestion: x? no\nQuestion: q?\nAnswer:", "choices": ["yes", "no"], "gold": 0}),
     );
     assert_eq!(
@@ -147,13 +152,13 @@ fn boolq_is_the_super_glue_form_from_every_layout() {
         "T -- a\nQuestion: x? no\nQuestion: q?\nAnswer:"
     );
     let hf = doc(
-        TaskId::Boolq,
+        t("boolq"),
         json!({"question": "is water wet", "passage": "Water -- Water is a liquid.", "idx": 0, "label": 1}),
     );
     assert_eq!(pairs(&hf), want);
     assert_eq!(hf.gold, 1);
     let jsonl = doc(
-        TaskId::Boolq,
+        t("boolq"),
         json!({"question": "is water wet", "title": "Water", "passage": "Water is a liquid.", "answer": true}),
     );
     assert_eq!(pairs(&jsonl), want);
@@ -164,7 +169,7 @@ fn boolq_is_the_super_glue_form_from_every_layout() {
 fn boolq_forms_are_not_mixed_up() {
     // The untitled google form as `boolq` would silently change every prompt: refused, naming the way out.
     let e = build_doc(
-        TaskId::Boolq,
+        t("boolq"),
         0,
         &row(json!({"question": "q", "answer": true, "passage": "p"})),
     )
@@ -176,14 +181,14 @@ fn boolq_forms_are_not_mixed_up() {
         json!({"question": "q", "passage": "T -- p", "label": 1}),
         json!({"question": "q", "title": "T", "passage": "p", "answer": true}),
     ] {
-        let e = build_doc(TaskId::BoolqGoogle, 0, &row(v))
+        let e = build_doc(t("boolq_google"), 0, &row(v))
             .unwrap_err()
             .to_string();
         assert!(e.contains("use task `boolq`"), "{e}");
     }
     // Malformed OLMES docs name the field.
     let e = build_doc(
-        TaskId::Boolq,
+        t("boolq"),
         0,
         &row(json!({"query": "T -- p\nQuestion: q?", "choices": ["yes", "no"], "gold": 0})),
     )
@@ -191,22 +196,22 @@ fn boolq_forms_are_not_mixed_up() {
     .to_string();
     assert!(e.contains("query"), "{e}");
     let e = build_doc(
-        TaskId::Boolq,
+        t("boolq"),
         0,
         &row(json!({"query": "T -- p\nQuestion: q?\nAnswer:", "choices": ["true", "false"], "gold": 0})),
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("choices") && e.contains("\"true\""), "{e}");
-    assert_eq!(TaskId::parse("boolq_google").unwrap(), TaskId::BoolqGoogle);
-    assert_eq!(TaskId::BoolqGoogle.name(), "boolq_google");
-    assert!(!TaskId::CSQA7.contains(&TaskId::BoolqGoogle));
+    assert_eq!(TaskId::parse("boolq_google").unwrap(), t("boolq_google"));
+    assert_eq!(t("boolq_google").name(), "boolq_google");
+    assert!(!qtale_eval::tasks::CSQA7.contains(&"boolq_google"));
 }
 
 #[test]
 fn piqa_and_siqa_prompts() {
     let p = doc(
-        TaskId::Piqa,
+        t("piqa"),
         json!({"goal": "To open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0}),
     );
     assert_eq!(
@@ -218,7 +223,7 @@ fn piqa_and_siqa_prompts() {
     );
     assert_eq!(p.gold, 0);
     let s = doc(
-        TaskId::SocialIqa,
+        t("social_iqa"),
         json!({"context": "Tracy gave a gift.", "question": "How would Tracy feel?", "answerA": "happy", "answerB": "sad", "answerC": "bored", "label": "3"}),
     );
     assert_eq!(
@@ -261,7 +266,7 @@ fn hellaswag_preprocessing_edge_cases() {
     assert_eq!(py_capitalize(""), "");
 
     let d = doc(
-        TaskId::Hellaswag,
+        t("hellaswag"),
         json!({
             "activity_label": "Home and Garden",
             "ctx_a": "[header] How to clean a grill. [title] Scrub it.",
@@ -288,7 +293,7 @@ fn hellaswag_preprocessing_edge_cases() {
 #[test]
 fn winogrande_partial_scoring() {
     let d = doc(
-        TaskId::Winogrande,
+        t("winogrande"),
         json!({"sentence": "The trophy didn't fit in the suitcase because _ was too big.", "option1": "the trophy", "option2": "the suitcase", "answer": "1"}),
     );
     assert_eq!(
@@ -306,13 +311,13 @@ fn winogrande_partial_scoring() {
     );
     assert_eq!(d.gold, 0);
     let d2 = doc(
-        TaskId::Winogrande,
+        t("winogrande"),
         json!({"sentence": "Ann asked Mary because _ knew.  ", "option1": "Ann", "option2": "Mary", "answer": "2"}),
     );
     assert_eq!(d2.requests[1].1, " knew.");
     assert_eq!(d2.gold, 1);
     let bad = build_doc(
-        TaskId::Winogrande,
+        t("winogrande"),
         0,
         &row(json!({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"})),
     )
@@ -327,7 +332,7 @@ fn winogrande_partial_scoring() {
 #[test]
 fn copa_csqa_sciq_prompts() {
     let c = doc(
-        TaskId::Copa,
+        t("copa"),
         json!({"premise": "The man turned on the faucet.", "choice1": "The toilet filled.", "choice2": "Water flowed.", "question": "effect", "label": 1}),
     );
     assert_eq!(
@@ -341,7 +346,7 @@ fn copa_csqa_sciq_prompts() {
         ]
     );
     let q = doc(
-        TaskId::CommonsenseQa,
+        t("commonsense_qa"),
         json!({"question": " Where? ", "choices": {"label": ["A","B","C","D","E"], "text": ["a","b","c","d","e"]}, "answerKey": "C"}),
     );
     assert_eq!(
@@ -351,7 +356,7 @@ fn copa_csqa_sciq_prompts() {
     assert_eq!(q.requests[4].1, " E");
     assert_eq!(q.gold, 2);
     let s = doc(
-        TaskId::Sciq,
+        t("sciq"),
         json!({"question": "Q?", "distractor1": "x", "distractor2": "y", "distractor3": "z", "correct_answer": "w", "support": "  S."}),
     );
     assert_eq!(
@@ -364,7 +369,7 @@ fn copa_csqa_sciq_prompts() {
 #[test]
 fn acc_norm_counts_characters_not_bytes() {
     let d = doc(
-        TaskId::Piqa,
+        t("piqa"),
         json!({"goal": "g", "sol1": "ééé", "sol2": "abcd", "label": 1}),
     );
     assert_eq!(d.choice_lens(), vec![3, 4]);
@@ -389,9 +394,9 @@ fn metrics_mean_stderr_argmax_and_csqa7() {
     let docs: Vec<DocScore> = (0..4)
         .map(|i| DocScore::new(i, 0, vec![-1.0, -2.0], vec![true, false], vec![1, 1]))
         .collect();
-    let all: Vec<(TaskId, TaskMetrics)> = TaskId::CSQA7
+    let all: Vec<(TaskId, TaskMetrics)> = qtale_eval::tasks::CSQA7
         .iter()
-        .map(|&t| (t, TaskMetrics::from_docs(t, &docs)))
+        .map(|&n| (t(n), TaskMetrics::from_docs(t(n), &docs)))
         .collect();
     let refs: Vec<(TaskId, &TaskMetrics)> = all.iter().map(|(t, m)| (*t, m)).collect();
     assert_eq!(csqa7_average(&refs), Some(1.0));
@@ -405,9 +410,102 @@ fn task_lists_parse() {
     assert_eq!(TaskId::parse_list("core8").unwrap().len(), 8);
     assert_eq!(
         TaskId::parse_list("arc_e,hellaswag,arc_easy").unwrap(),
-        [TaskId::ArcEasy, TaskId::Hellaswag]
+        [t("arc_easy"), t("hellaswag")]
     );
     assert!(TaskId::parse_list("nope").is_err());
+}
+
+/// The registry holds the built-in tasks in table order, each reachable by name and aliases, names
+/// serialize as strings (the results files' keys), and a registration that would shadow a name, an
+/// alias or a group is refused.
+#[test]
+fn task_registry_names_order_and_refusals() {
+    let names = qtale_eval::tasks::names();
+    assert_eq!(
+        names[..12],
+        [
+            "piqa",
+            "boolq",
+            "boolq_google",
+            "social_iqa",
+            "arc_easy",
+            "arc_challenge",
+            "winogrande",
+            "openbookqa",
+            "hellaswag",
+            "copa",
+            "commonsense_qa",
+            "sciq"
+        ]
+    );
+    for task in qtale_eval::tasks::all() {
+        let spec = task.spec();
+        assert_eq!(t(spec.name), task);
+        for a in spec.aliases {
+            assert_eq!(t(a), task, "{a}");
+        }
+        assert_eq!(serde_json::to_value(task).unwrap(), json!(spec.name));
+    }
+    assert_eq!(t(" ARC-E "), t("arc_easy"));
+    assert_eq!(t("siqa").label(), "SIQA");
+    assert!(t("hellaswag").has_acc_norm() && !t("winogrande").has_acc_norm());
+    let e = TaskId::parse("mmlu").unwrap_err().to_string();
+    assert!(e.contains("mmlu") && e.contains("commonsense_qa"), "{e}");
+
+    fn none(_: usize, r: &Row) -> qtale_eval::Result<McDoc> {
+        Err(r.err("x", "unused"))
+    }
+    static SPEC: qtale_eval::TaskSpec = qtale_eval::TaskSpec {
+        name: "piqa",
+        aliases: &[],
+        label: "x",
+        acc_norm: false,
+        full_count: 1,
+        split: "test",
+        file: "x.jsonl",
+        note: None,
+        build_doc: none,
+    };
+    static ALIAS: qtale_eval::TaskSpec = qtale_eval::TaskSpec {
+        name: "piqa_again",
+        aliases: &["obqa"],
+        ..SPEC
+    };
+    static GROUP: qtale_eval::TaskSpec = qtale_eval::TaskSpec {
+        name: "csqa7",
+        ..SPEC
+    };
+    static UPPER: qtale_eval::TaskSpec = qtale_eval::TaskSpec {
+        name: "Piqa-2",
+        ..SPEC
+    };
+    for (spec, needle) in [
+        (&SPEC, "already registered"),
+        (&ALIAS, "`obqa` is already registered"),
+        (&GROUP, "group"),
+        (&UPPER, "lower case"),
+    ] {
+        let e = qtale_eval::tasks::register(spec).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    assert!(TaskId::parse("piqa_again").is_err());
+}
+
+#[test]
+fn csqa7_stderr_combines_the_tasks() {
+    let docs: Vec<DocScore> = (0..4)
+        .map(|i| DocScore::new(i, i % 2, vec![-1.0, -2.0], vec![true, false], vec![1, 1]))
+        .collect();
+    let all: Vec<(TaskId, TaskMetrics)> = qtale_eval::tasks::CSQA7
+        .iter()
+        .map(|&n| (t(n), TaskMetrics::from_docs(t(n), &docs)))
+        .collect();
+    let refs: Vec<(TaskId, &TaskMetrics)> = all.iter().map(|(t, m)| (*t, m)).collect();
+    let c = qtale_eval::metrics::csqa7(&refs).unwrap();
+    // Every task: mean 0.5, stderr sqrt(1/3 / 4); seven of them combine to sqrt(7) * se / 7.
+    let se = (1.0f64 / 3.0 / 4.0).sqrt();
+    assert!((c.mean - 0.5).abs() < 1e-12);
+    assert!((c.stderr - se * 7f64.sqrt() / 7.0).abs() < 1e-12, "{c:?}");
 }
 
 #[test]
@@ -481,9 +579,9 @@ fn arrow_stream_parquet_and_jsonl_gz_read_the_same_docs() {
         }
         w.finish().unwrap();
     }
-    let a = load_task(TaskId::Piqa, dir.path(), Some(&arrow_path), None).unwrap();
-    let p = load_task(TaskId::Piqa, dir.path(), Some(&pq_path), None).unwrap();
-    let g = load_task(TaskId::Piqa, dir.path(), Some(&gz_path), Some(2)).unwrap();
+    let a = load_task(t("piqa"), dir.path(), Some(&arrow_path), None).unwrap();
+    let p = load_task(t("piqa"), dir.path(), Some(&pq_path), None).unwrap();
+    let g = load_task(t("piqa"), dir.path(), Some(&gz_path), Some(2)).unwrap();
     assert_eq!(a.docs.len(), 3);
     assert_eq!(a.docs, p.docs);
     assert_eq!(g.docs[..], a.docs[..2]);
@@ -515,7 +613,7 @@ fn boolq_loads_from_an_olmes_request_file() {
         }
         w.finish().unwrap();
     }
-    let d = load_task(TaskId::Boolq, dir.path(), Some(&path), None).unwrap();
+    let d = load_task(t("boolq"), dir.path(), Some(&path), None).unwrap();
     assert_eq!(d.available, 2);
     assert_eq!(
         pairs(&d.docs[0]),
@@ -530,7 +628,7 @@ fn boolq_loads_from_an_olmes_request_file() {
         "{}",
         d.source.note
     );
-    let e = load_task(TaskId::BoolqGoogle, dir.path(), Some(&path), None)
+    let e = load_task(t("boolq_google"), dir.path(), Some(&path), None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("use task `boolq`"), "{e}");
@@ -548,7 +646,7 @@ fn malformed_rows_name_file_row_and_field() {
         w.write(&batch).unwrap();
         w.finish().unwrap();
     }
-    let e = load_task(TaskId::Piqa, dir.path(), Some(&path), None)
+    let e = load_task(t("piqa"), dir.path(), Some(&path), None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -562,7 +660,7 @@ fn malformed_rows_name_file_row_and_field() {
         "{\"goal\": \"g\", \"sol1\": \"a\", \"sol2\": \"b\", \"label\": 0}\n{\"goal\": \"g\", \"sol1\": \"a\", \"label\": 0}\n",
     )
     .unwrap();
-    let e = load_task(TaskId::Piqa, dir.path(), Some(&path), None)
+    let e = load_task(t("piqa"), dir.path(), Some(&path), None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -578,7 +676,7 @@ fn malformed_rows_name_file_row_and_field() {
         "{\"goal\": \"g\", \"sol1\": \"a\", \"sol2\": \"b\", \"label\": \"x\"}\n",
     )
     .unwrap();
-    let e = load_task(TaskId::Piqa, dir.path(), Some(&path), None)
+    let e = load_task(t("piqa"), dir.path(), Some(&path), None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -589,12 +687,12 @@ fn malformed_rows_name_file_row_and_field() {
     let path = dir.path().join("junk.arrow");
     std::fs::write(&path, b"junk").unwrap();
     assert!(matches!(
-        load_task(TaskId::Piqa, dir.path(), Some(&path), None),
+        load_task(t("piqa"), dir.path(), Some(&path), None),
         Err(EvalError::Format { .. })
     ));
     // Missing file.
     let e = load_task(
-        TaskId::Piqa,
+        t("piqa"),
         dir.path(),
         Some(&dir.path().join("none.arrow")),
         None,

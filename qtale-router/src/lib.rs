@@ -19,6 +19,7 @@
 //!   (each router's [`NativeGate`]: the same decision in plain f32).
 //! * [`calibrate`]: theta by bisection to a target ratio, or by a grid search on a caller's score.
 //! * [`analysis`]: router logit-gap histograms and Gumbel flip rates per layer.
+//! * [`splitmix`]: the SplitMix64 hash (random router decisions, the trainer's per-step seeds).
 pub mod analysis;
 pub mod batch;
 pub mod calibrate;
@@ -29,6 +30,7 @@ pub mod kinds;
 pub mod native;
 pub mod routed;
 pub mod router;
+pub mod splitmix;
 pub mod stats;
 
 pub use analysis::{analyze, AnalysisOptions, LayerAnalysis, RouterAnalysis};

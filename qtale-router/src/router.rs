@@ -17,6 +17,7 @@ use crate::batch::CalibBatch;
 use crate::config::RoutingConfig;
 use crate::error::{Result, RouterError};
 use crate::native::{f32_vec, rule_p, DllmGate, NativeGate, NativeMlp, Scratch};
+use crate::splitmix::splitmix64;
 
 /// Logit gap used by the rule-based routers: `softmax([0, SURE])[1]` is exactly 1.0 in f32, and
 /// `softmax([0, -SURE])[1]` is about 1e-13, so `theta = 0` still executes everything.
@@ -203,20 +204,15 @@ pub struct RandomRouter {
     pub seed: u64,
 }
 
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl RandomRouter {
     pub fn new(p: f64, seed: u64) -> Self {
         RandomRouter { p, seed }
     }
     /// Whether `(layer, row, position)` executes.
     pub fn decide(&self, layer: usize, row: i64, pos: i64) -> bool {
-        let h = splitmix(splitmix(splitmix(self.seed ^ layer as u64) ^ row as u64) ^ (pos as u64));
+        let h = splitmix64(
+            splitmix64(splitmix64(self.seed ^ layer as u64) ^ row as u64) ^ (pos as u64),
+        );
         ((h >> 11) as f64 / (1u64 << 53) as f64) < self.p
     }
 }

@@ -382,16 +382,10 @@ fn train_forward(
         .map_err(|e| config_err("routing", e.to_string()))
 }
 
+/// A fresh, reproducible torch seed per step (dropout, Gumbel noise): output `step` of the
+/// SplitMix64 generator seeded with `seed`, made non-negative.
 fn seed_for(seed: u64, step: usize) -> i64 {
-    // SplitMix64 of (seed, step): a fresh, reproducible torch seed per step (dropout, Gumbel noise).
-    let mut z = seed.wrapping_add(
-        (step as u64)
-            .wrapping_add(1)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 1) as i64
+    (qtale_router::splitmix::nth(seed, step as u64) >> 1) as i64
 }
 
 impl<'a> Trainer<'a> {

@@ -11,10 +11,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use experiments::args::{positive, DtypeArg, ModelArgs};
-use qtale_eval::indicatif::{ProgressBar, ProgressStyle};
+use qtale_eval::indicatif::ProgressStyle;
 use qtale_eval::ppl::{perplexity, WindowConfig};
 use qtale_eval::report::{append_csv, model_hash, write_doc_log, ResultsFile, RunConfig};
-use qtale_eval::run::evaluate_task;
+use qtale_eval::run::{evaluate_tasks, TaskBars};
 use qtale_eval::tasks::{default_data_root, resolve_data_file};
 use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
 
@@ -113,7 +113,7 @@ fn main() -> Result<()> {
                 file.map_or_else(|| root.display().to_string(), |p| p.display().to_string())
             );
         }
-        task_data.push((task, data));
+        task_data.push(data);
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("--out: creating {}", args.out.display()))?;
@@ -133,42 +133,23 @@ fn main() -> Result<()> {
     let mut scorer = LmScorer::new(&lm.model, args.batch_size);
     scorer.share_context = !args.no_share_context;
     let weight_bytes = lm.model.weight_bytes();
-    let mut results = Vec::new();
-    for (task, data) in task_data {
-        let n_req: usize = data.docs.iter().map(|d| d.requests.len()).sum();
-        let pb = ProgressBar::new(n_req as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{msg:>14} [{bar:40}] {pos}/{len} requests {elapsed_precise} eta {eta}",
-            )?
-            .progress_chars("=> "),
-        );
-        pb.set_message(task.name());
-        let r = evaluate_task(
-            &mut scorer,
-            &lm.tokenizer,
-            &enc,
-            &data,
-            weight_bytes,
-            &mut |n| pb.set_position(n as u64),
-        )?;
-        pb.finish_and_clear();
-        let m = &r.metrics;
-        eprintln!(
-            "{:>14}: n={:5} acc={:.4}±{:.4}{} | {:.1}s, {:.2} docs/s, {:.0} tok/s",
-            task.name(),
-            m.n,
-            m.acc.mean,
-            m.acc.stderr,
-            m.acc_norm
-                .map(|a| format!(" acc_norm={:.4}±{:.4}", a.mean, a.stderr))
-                .unwrap_or_default(),
-            r.efficiency.wall_s,
-            r.efficiency.docs_per_s,
-            r.efficiency.tokens_per_s
-        );
-        results.push(r);
-    }
+    let mut bars = TaskBars::new(
+        ProgressStyle::with_template(
+            "{msg:>14} [{bar:40}] {pos}/{len} requests {elapsed_precise} eta {eta}",
+        )?
+        .progress_chars("=> "),
+        false,
+        true,
+    );
+    // The CSQA-7 average is the results file's (same rule, `qtale_eval::metrics::csqa7`).
+    let (results, _) = evaluate_tasks(
+        &mut scorer,
+        &lm.tokenizer,
+        &enc,
+        &task_data,
+        weight_bytes,
+        &mut bars,
+    )?;
 
     let mut notes = vec![
         "SmolLM2 weights come pre-quantized (Q4_1, group 32): the dense model is their exact f32 dequantization."
