@@ -20,11 +20,11 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind};
 
 use qtale_eval::indicatif::ProgressStyle;
-use qtale_eval::metrics::Csqa7;
+use qtale_eval::metrics::{Csqa7, MeanStderr, TaskMetrics};
 use qtale_eval::provenance::{Numerics, Provenance};
 use qtale_eval::report::model_hash;
 use qtale_eval::run::{evaluate_tasks, TaskBars, TaskResult};
-use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskId};
+use qtale_eval::{load_task, EncodeConfig, LmScorer, TaskData, TaskId};
 use qtale_model::ptq::{quantize_model, PtqOptions};
 use qtale_model::quantized_io::{load_quantized, save_quantized};
 use qtale_model::Decoder;
@@ -335,9 +335,121 @@ pub struct TaskRow {
     pub wall_s: f64,
     pub docs_per_s: f64,
     pub tokens_processed: usize,
+    /// Per-doc correctness, for paired comparisons between cells scored on the same docs (absent in
+    /// cells computed before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_doc: Option<PerDoc>,
+}
+
+/// Per-doc 0/1 scores of one task, as strings of `0`/`1` (one character per doc, in `doc_ids` order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PerDoc {
+    pub doc_ids: Vec<usize>,
+    pub acc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acc_norm: Option<String>,
+}
+
+fn bits(v: impl Iterator<Item = f64>) -> String {
+    v.map(|x| if x > 0.5 { '1' } else { '0' }).collect()
+}
+
+fn unbits(s: &str) -> Vec<f64> {
+    s.bytes().map(|c| f64::from(c == b'1')).collect()
+}
+
+impl PerDoc {
+    /// The headline metric's per-doc scores (acc_norm where the row reports it, else acc).
+    pub fn headline(&self, uses_norm: bool) -> Vec<f64> {
+        match (&self.acc_norm, uses_norm) {
+            (Some(n), true) => unbits(n),
+            _ => unbits(&self.acc),
+        }
+    }
 }
 
 impl TaskRow {
+    /// Whether the headline score is acc_norm (the task's lm-eval headline, when reported).
+    pub fn headline_is_norm(&self) -> bool {
+        self.acc_norm.is_some()
+            && TaskId::parse(&self.task)
+                .is_ok_and(|t| t.headline_metric() == qtale_eval::tasks::Metric::AccNorm)
+    }
+
+    /// The row's metrics in the eval crate's form (for its CSQA-7 rule).
+    fn metrics(&self) -> TaskMetrics {
+        TaskMetrics {
+            n: self.n,
+            acc: MeanStderr {
+                mean: self.acc,
+                stderr: self.acc_stderr,
+            },
+            acc_norm: self.acc_norm.map(|mean| MeanStderr {
+                mean,
+                stderr: self.acc_norm_stderr.unwrap_or(f64::NAN),
+            }),
+        }
+    }
+
+    /// One row from consecutive chunks of the same task (each with per-doc scores): metrics recomputed
+    /// from the concatenated docs (the same mean and standard error as one run over them), cost
+    /// summed, execution ratio and FLOPs weighted by tokens.
+    fn merge(parts: Vec<TaskRow>) -> Result<TaskRow> {
+        let first = parts.first().context("no chunks to merge")?.clone();
+        if parts.len() == 1 {
+            return Ok(first);
+        }
+        let mut ids = Vec::new();
+        let (mut acc, mut accn) = (String::new(), String::new());
+        let (mut wall, mut tokens, mut er, mut fl) = (0.0, 0usize, 0.0, 0.0);
+        for p in &parts {
+            let d = p
+                .per_doc
+                .as_ref()
+                .with_context(|| format!("{}: a chunk without per-doc scores", p.task))?;
+            ids.extend_from_slice(&d.doc_ids);
+            acc.push_str(&d.acc);
+            if let Some(n) = &d.acc_norm {
+                accn.push_str(n);
+            }
+            wall += p.wall_s;
+            tokens += p.tokens_processed;
+            er += p.exec_ratio.unwrap_or(1.0) * p.tokens_processed as f64;
+            fl += p.flops_rel_dense * p.tokens_processed as f64;
+        }
+        let a = qtale_eval::metrics::mean_stderr(&unbits(&acc));
+        let n = first
+            .acc_norm
+            .is_some()
+            .then(|| qtale_eval::metrics::mean_stderr(&unbits(&accn)));
+        let norm = first.headline_is_norm();
+        let score = match (norm, n) {
+            (true, Some(n)) => n,
+            _ => a,
+        };
+        let t = tokens.max(1) as f64;
+        Ok(TaskRow {
+            task: first.task.clone(),
+            n: ids.len(),
+            acc: a.mean,
+            acc_stderr: a.stderr,
+            acc_norm: n.map(|x| x.mean),
+            acc_norm_stderr: n.map(|x| x.stderr),
+            score: score.mean,
+            score_stderr: score.stderr,
+            exec_ratio: first.exec_ratio.map(|_| er / t),
+            flops_rel_dense: fl / t,
+            wall_s: wall,
+            docs_per_s: ids.len() as f64 / wall.max(1e-9),
+            tokens_processed: tokens,
+            per_doc: Some(PerDoc {
+                doc_ids: ids,
+                acc,
+                acc_norm: first.acc_norm.map(|_| accn),
+            }),
+        })
+    }
+
     fn from(r: &TaskResult) -> Self {
         let m = &r.metrics;
         let score = m.headline(r.task);
@@ -355,6 +467,11 @@ impl TaskRow {
             wall_s: r.efficiency.wall_s,
             docs_per_s: r.efficiency.docs_per_s,
             tokens_processed: r.efficiency.tokens_processed,
+            per_doc: Some(PerDoc {
+                doc_ids: r.docs.iter().map(|d| d.doc_id).collect(),
+                acc: bits(r.docs.iter().map(|d| d.acc)),
+                acc_norm: m.acc_norm.map(|_| bits(r.docs.iter().map(|d| d.acc_norm))),
+            }),
         }
     }
 }
@@ -829,7 +946,8 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
         None => &lm.model,
     };
     // 5. Evaluate.
-    let (tasks, csqa7, ppl) = evaluate(dec, &lm.model.config, &lm.tokenizer, cell, env)?;
+    let partial = partial_dir(env, &key);
+    let (tasks, csqa7, ppl) = evaluate(dec, &lm.model.config, &lm.tokenizer, cell, env, &partial)?;
     let weight_bytes = dec.weight_bytes();
     let tok_sum: usize = tasks
         .iter()
@@ -870,6 +988,8 @@ pub fn run_cell(cell: &CellConfig, env: &Env) -> Result<CellResult> {
         wall_s: t0.elapsed().as_secs_f64(),
     };
     write_json_atomic(&path, &res)?;
+    // The cell holds every chunk's per-doc scores now.
+    let _ = std::fs::remove_dir_all(&partial);
     Ok(res)
 }
 
@@ -941,19 +1061,49 @@ pub fn measure_theta(
     })
 }
 
+/// Docs per resumable chunk of a task's evaluation: a finished chunk is kept in the cell's partial
+/// directory, so an interrupted cell (a killed Slurm task, a pre-empted job) resumes at the chunk.
+pub const EVAL_CHUNK_DOCS: usize = 1000;
+
+/// A finished chunk of a task, with the numerics that computed it (reused only when they match).
+#[derive(Serialize, Deserialize)]
+struct EvalChunk {
+    numerics: Numerics,
+    row: TaskRow,
+}
+
+fn read_chunk(path: &Path, env: &Env) -> Result<Option<TaskRow>> {
+    if !path.is_file() || env.fresh {
+        return Ok(None);
+    }
+    let c: EvalChunk = match read_json(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "ignoring unreadable partial result {}: {e:#}",
+                path.display()
+            );
+            return Ok(None);
+        }
+    };
+    Ok((c.numerics == env.numerics()).then_some(c.row))
+}
+
+/// The cell's partial directory (finished evaluation chunks), next to its result file.
+pub fn partial_dir(env: &Env, key: &str) -> PathBuf {
+    env.cell_path(key).with_extension("partial")
+}
+
 fn evaluate(
     dec: &dyn Decoder,
     dec_config: &qtale_model::LlamaConfig,
     tok: &tokenizers::Tokenizer,
     cell: &CellConfig,
     env: &Env,
+    partial: &Path,
 ) -> Result<(Vec<TaskRow>, Option<Csqa7>, Option<f64>)> {
     let tasks = TaskId::parse_list(&cell.eval.tasks)?;
     let enc = EncodeConfig::for_model(dec_config, false)?;
-    let data = tasks
-        .into_iter()
-        .map(|t| load_task(t, &env.data_root, None, cell.eval.limit))
-        .collect::<qtale_eval::Result<Vec<_>>>()?;
     let mut bars = TaskBars::new(
         ProgressStyle::with_template(
             "{prefix:>14} {bar:30} {pos}/{len} requests, {elapsed} < {eta}",
@@ -962,9 +1112,53 @@ fn evaluate(
         false,
     );
     let mut scorer = LmScorer::new(dec, cell.eval.batch_size);
-    let (results, csqa7) =
-        evaluate_tasks(&mut scorer, tok, &enc, &data, dec.weight_bytes(), &mut bars)?;
-    let rows = results.iter().map(TaskRow::from).collect();
+    let mut rows = Vec::new();
+    for task in tasks {
+        let data = load_task(task, &env.data_root, None, cell.eval.limit)?;
+        let mut parts = Vec::new();
+        for (i, chunk) in data.docs.chunks(EVAL_CHUNK_DOCS).enumerate() {
+            let path = partial.join(format!("{}.{i}.json", task.name()));
+            if let Some(row) = read_chunk(&path, env)? {
+                if !env.quiet {
+                    println!("{:>14} chunk {i}: reused {}", task.name(), path.display());
+                }
+                parts.push(row);
+                continue;
+            }
+            let sub = TaskData {
+                task: data.task,
+                source: data.source.clone(),
+                available: data.available,
+                docs: chunk.to_vec(),
+            };
+            let (res, _) = evaluate_tasks(
+                &mut scorer,
+                tok,
+                &enc,
+                std::slice::from_ref(&sub),
+                dec.weight_bytes(),
+                &mut bars,
+            )?;
+            let row = TaskRow::from(&res[0]);
+            std::fs::create_dir_all(partial)
+                .with_context(|| format!("creating {}", partial.display()))?;
+            write_json_atomic(
+                &path,
+                &EvalChunk {
+                    numerics: env.numerics(),
+                    row: row.clone(),
+                },
+            )?;
+            parts.push(row);
+        }
+        rows.push(TaskRow::merge(parts)?);
+    }
+    let metrics: Vec<(TaskId, TaskMetrics)> = rows
+        .iter()
+        .filter_map(|r| Some((TaskId::parse(&r.task).ok()?, r.metrics())))
+        .collect();
+    let pairs: Vec<(TaskId, &TaskMetrics)> = metrics.iter().map(|(t, m)| (*t, m)).collect();
+    let csqa7 = qtale_eval::metrics::csqa7(&pairs);
     let ppl = if cell.eval.ppl_windows > 0 {
         let w =
             qtale_model::corpus::heldout_windows(tok, cell.eval.ppl_windows, cell.eval.ppl_len)?;
@@ -978,4 +1172,60 @@ fn evaluate(
         None
     };
     Ok((rows, csqa7, ppl))
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn row(acc: &str, accn: &str, tokens: usize, ratio: f64, wall: f64) -> TaskRow {
+        let a = qtale_eval::metrics::mean_stderr(&unbits(acc));
+        let n = qtale_eval::metrics::mean_stderr(&unbits(accn));
+        TaskRow {
+            task: "hellaswag".into(),
+            n: acc.len(),
+            acc: a.mean,
+            acc_stderr: a.stderr,
+            acc_norm: Some(n.mean),
+            acc_norm_stderr: Some(n.stderr),
+            score: n.mean,
+            score_stderr: n.stderr,
+            exec_ratio: Some(ratio),
+            flops_rel_dense: ratio,
+            wall_s: wall,
+            docs_per_s: acc.len() as f64 / wall,
+            tokens_processed: tokens,
+            per_doc: Some(PerDoc {
+                doc_ids: (0..acc.len()).collect(),
+                acc: acc.into(),
+                acc_norm: Some(accn.into()),
+            }),
+        }
+    }
+
+    /// Chunks merge into the row one run over all docs would give: metrics from the concatenated
+    /// per-doc scores, cost summed, ratios weighted by tokens.
+    #[test]
+    fn chunks_merge_like_one_run() {
+        let a = row("1101", "1111", 100, 0.5, 2.0);
+        let b = row("001", "011", 300, 0.7, 1.0);
+        let m = TaskRow::merge(vec![a, b]).unwrap();
+        let whole = row("1101001", "1111011", 400, 0.65, 3.0);
+        assert_eq!(m.n, 7);
+        assert_eq!(m.per_doc.as_ref().unwrap().acc, "1101001");
+        assert!(
+            (m.acc - whole.acc).abs() < 1e-12 && (m.acc_stderr - whole.acc_stderr).abs() < 1e-12
+        );
+        assert!(
+            (m.score - whole.score).abs() < 1e-12,
+            "headline is acc_norm for hellaswag"
+        );
+        assert!((m.score_stderr - whole.score_stderr).abs() < 1e-12);
+        assert!((m.exec_ratio.unwrap() - 0.65).abs() < 1e-12);
+        assert!((m.wall_s - 3.0).abs() < 1e-12 && m.tokens_processed == 400);
+        // a chunk without per-doc scores cannot be merged
+        let mut c = row("1", "1", 1, 1.0, 1.0);
+        c.per_doc = None;
+        assert!(TaskRow::merge(vec![row("1", "1", 1, 1.0, 1.0), c]).is_err());
+    }
 }

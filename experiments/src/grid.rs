@@ -138,6 +138,10 @@ pub struct ExperimentFile {
     pub quant: Vec<Value>,
     #[serde(default)]
     pub sweep: Option<Sweep>,
+    /// Pairs of variant names `[a, b]` compared per doc (`b - a`, paired bootstrap interval, McNemar);
+    /// default: every variant against the first.
+    #[serde(default)]
+    pub compare: Vec<(String, String)>,
 }
 
 impl ExperimentFile {
@@ -808,6 +812,25 @@ pub fn write_outputs(env: &Env, file: &ExperimentFile, results: &[CellResult]) -
         "wrote {}/{{table.txt,results.csv,results.json}} and cells/",
         env.out.display()
     );
+    let pairs = if file.compare.is_empty() {
+        results
+            .iter()
+            .skip(1)
+            .map(|r| (results[0].name.clone(), r.name.clone()))
+            .collect()
+    } else {
+        file.compare.clone()
+    };
+    let (text, rows) = paired_report(results, &pairs)?;
+    if !rows.is_empty() {
+        println!("\n{text}");
+        std::fs::write(env.out.join("paired.txt"), &text)?;
+        let mut w = csv::Writer::from_path(env.out.join("paired.csv"))?;
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        w.flush()?;
+    }
     if let Some(r) = &env.reference {
         let same = std::fs::canonicalize(r).ok()
             == std::fs::canonicalize(env.out.join("results.json")).ok();
@@ -822,6 +845,130 @@ pub fn write_outputs(env: &Env, file: &ExperimentFile, results: &[CellResult]) -
         }
     }
     Ok(())
+}
+
+/// One paired comparison row (`paired.csv`): `b - a` in points of the headline metric.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairedRow {
+    pub a: String,
+    pub b: String,
+    pub task: String,
+    pub n: usize,
+    pub diff: f64,
+    pub stderr: f64,
+    pub ci_lo: f64,
+    pub ci_hi: f64,
+    pub level: f64,
+    pub b_only: Option<usize>,
+    pub a_only: Option<usize>,
+    pub p_mcnemar: Option<f64>,
+}
+
+/// Per-doc paired differences between cells scored on the same docs: per task and for CSQA-7 (docs
+/// resampled within each task), as text and rows. Pairs whose cells lack per-doc scores or differ in
+/// their docs are listed as not comparable, never silently compared on different docs.
+pub fn paired_report(
+    results: &[CellResult],
+    pairs: &[(String, String)],
+) -> Result<(String, Vec<PairedRow>)> {
+    use qtale_eval::paired::{paired, paired_macro, BootstrapOptions};
+    let find = |n: &str| results.iter().find(|r| r.name == n);
+    let opts = BootstrapOptions::default();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for (an, bn) in pairs {
+        let (Some(a), Some(b)) = (find(an), find(bn)) else {
+            notes.push(format!("{an} vs {bn}: no such cell among the results"));
+            continue;
+        };
+        let mut csqa: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+        for ta in &a.tasks {
+            let Some(tb) = b.task(&ta.task) else { continue };
+            let (Some(da), Some(db)) = (&ta.per_doc, &tb.per_doc) else {
+                notes.push(format!("{an} vs {bn} {}: no per-doc scores", ta.task));
+                continue;
+            };
+            if da.doc_ids != db.doc_ids {
+                notes.push(format!("{an} vs {bn} {}: different docs", ta.task));
+                continue;
+            }
+            let norm = ta.headline_is_norm();
+            let (xa, xb) = (da.headline(norm), db.headline(norm));
+            let d = paired(&ta.task, &xa, &xb, &opts)?;
+            if qtale_eval::tasks::CSQA7.contains(&ta.task.as_str()) {
+                csqa.push((ta.task.clone(), xa, xb));
+            }
+            rows.push(PairedRow {
+                a: an.clone(),
+                b: bn.clone(),
+                task: ta.task.clone(),
+                n: d.n,
+                diff: 100.0 * d.mean,
+                stderr: 100.0 * d.stderr,
+                ci_lo: 100.0 * d.lo,
+                ci_hi: 100.0 * d.hi,
+                level: d.level,
+                b_only: d.b_only,
+                a_only: d.a_only,
+                p_mcnemar: d.p_mcnemar,
+            });
+        }
+        if csqa.len() == qtale_eval::tasks::CSQA7.len() {
+            let t: Vec<(&str, &[f64], &[f64])> = csqa
+                .iter()
+                .map(|(n, x, y)| (n.as_str(), x.as_slice(), y.as_slice()))
+                .collect();
+            let d = paired_macro(&t, &opts)?;
+            rows.push(PairedRow {
+                a: an.clone(),
+                b: bn.clone(),
+                task: "csqa7".into(),
+                n: d.n,
+                diff: 100.0 * d.mean,
+                stderr: 100.0 * d.stderr,
+                ci_lo: 100.0 * d.lo,
+                ci_hi: 100.0 * d.hi,
+                level: d.level,
+                b_only: None,
+                a_only: None,
+                p_mcnemar: None,
+            });
+        }
+    }
+    let mut text = format!(
+        "paired differences b - a (points of the headline metric, same docs; {:.0}% paired bootstrap interval, {} resamples; McNemar's exact p):\n",
+        100.0 * opts.level,
+        opts.resamples
+    );
+    text += &format!(
+        "{:<22} {:<22} {:<14} {:>6} {:>7} {:>18} {:>9} {:>8}\n",
+        "a", "b", "task", "n", "b - a", "interval", "b+/a+", "p"
+    );
+    for r in &rows {
+        text += &format!(
+            "{:<22} {:<22} {:<14} {:>6} {:>+7.2} {:>18} {:>9} {:>8}{}\n",
+            r.a,
+            r.b,
+            r.task,
+            r.n,
+            r.diff,
+            format!("[{:+.2}, {:+.2}]", r.ci_lo, r.ci_hi),
+            r.b_only
+                .zip(r.a_only)
+                .map_or(String::new(), |(b, a)| format!("{b}/{a}")),
+            r.p_mcnemar.map_or(String::new(), |p| format!("{p:.3}")),
+            if r.ci_lo > 0.0 || r.ci_hi < 0.0 {
+                "  *"
+            } else {
+                ""
+            }
+        );
+    }
+    text += "* interval excludes 0\n";
+    for n in notes {
+        text += &format!("not compared: {n}\n");
+    }
+    Ok((text, rows))
 }
 
 /// Points `(execution ratio, CSQA-7 %, its standard error)` grouped by the cell name without its last

@@ -195,6 +195,58 @@ fn miniature_pipeline_end_to_end_and_resumed() {
         assert_eq!((x.acc, x.exec_ratio), (y.acc, y.exec_ratio));
     }
 
+    // Resumable evaluation: a finished chunk in the cell's partial directory is reused (here a
+    // planted piqa chunk that says every doc was right), the rest is computed, and the partial
+    // directory is gone once the cell is written.
+    std::fs::remove_file(env.cell_path(&dllm.key)).unwrap();
+    let partial = experiments::cell::partial_dir(&env, &dllm.key);
+    std::fs::create_dir_all(&partial).unwrap();
+    let mut planted = dllm.task("piqa").unwrap().clone();
+    let pd = planted.per_doc.as_mut().unwrap();
+    pd.acc = "111".into();
+    pd.acc_norm = Some("111".into());
+    planted.acc = 1.0;
+    planted.acc_norm = Some(1.0);
+    planted.score = 1.0;
+    std::fs::write(
+        partial.join("piqa.0.json"),
+        serde_json::json!({"numerics": env.numerics(), "row": planted}).to_string(),
+    )
+    .unwrap();
+    let (_, _, r4) = run_grid(&one, "mini", None).unwrap();
+    let piqa = r4[0].task("piqa").unwrap();
+    assert_eq!(
+        (piqa.acc, piqa.score),
+        (1.0, 1.0),
+        "the planted chunk was reused"
+    );
+    for t in ["arc_easy", "winogrande"] {
+        assert_eq!(r4[0].task(t).unwrap().acc, dllm.task(t).unwrap().acc);
+    }
+    assert!(!partial.exists());
+    // Paired comparisons against the first variant, on the same docs: the mean difference is the
+    // difference of the two cells' scores.
+    let paired = std::fs::read_to_string(out.join("paired.csv")).unwrap();
+    let mut rd = csv::Reader::from_reader(paired.as_bytes());
+    let rows: Vec<experiments::grid::PairedRow> = rd.deserialize().map(|r| r.unwrap()).collect();
+    assert_eq!(
+        rows.len(),
+        3 * 3,
+        "3 pairs x 3 tasks (no CSQA-7 in this config)"
+    );
+    for r in &rows {
+        assert_eq!((r.a.as_str(), r.n), ("dense", 3));
+        let (ta, tb) = (
+            by(&r.a).task(&r.task).unwrap(),
+            by(&r.b).task(&r.task).unwrap(),
+        );
+        assert!(
+            (r.diff - 100.0 * (tb.score - ta.score)).abs() < 1e-9,
+            "{r:?}"
+        );
+        assert!(r.ci_lo <= r.diff && r.diff <= r.ci_hi, "{r:?}");
+    }
+
     // `train.from`: a finished run stands in for the training stage. Same key, same scores, and a
     // fresh cache gets no training directory; a run of another config is a named error.
     let run = std::fs::read_dir(tmp.path().join("cache").join("train"))
