@@ -376,9 +376,32 @@ fn reference_of(a: &ExperimentArgs, binary: &str) -> Option<PathBuf> {
 /// and task by task: a number agrees when it is within the reference's standard error of it.
 /// Returns the printed report.
 pub fn compare_with_reference(reference: &Path, results: &[CellResult]) -> Result<String> {
+    // Only what is compared is read, so a reference written by an older revision (whose cells
+    // carry since-renamed config fields) still compares; its revision is printed below.
+    #[derive(Deserialize)]
+    struct RefTask {
+        task: String,
+        n: usize,
+        score: f64,
+        score_stderr: f64,
+    }
+    #[derive(Deserialize)]
+    struct RefCell {
+        name: String,
+        tasks: Vec<RefTask>,
+        csqa7: Option<f64>,
+        csqa7_stderr: Option<f64>,
+        #[serde(default)]
+        provenance: Option<Value>,
+    }
+    impl RefCell {
+        fn task(&self, name: &str) -> Option<&RefTask> {
+            self.tasks.iter().find(|t| t.task == name)
+        }
+    }
     #[derive(Deserialize)]
     struct RefFile {
-        cells: Vec<CellResult>,
+        cells: Vec<RefCell>,
     }
     let text = std::fs::read_to_string(reference)
         .with_context(|| format!("reading the reference {}", reference.display()))?;
@@ -439,8 +462,11 @@ pub fn compare_with_reference(reference: &Path, results: &[CellResult]) -> Resul
         .iter()
         .map(|c| {
             c.provenance
-                .as_ref()
-                .map_or("unrecorded".into(), |p| p.revision_label())
+                .clone()
+                .and_then(|p| serde_json::from_value::<qtale_eval::provenance::Provenance>(p).ok())
+                .map_or("unrecorded (older than provenance)".into(), |p| {
+                    p.revision_label()
+                })
         })
         .collect();
     out += &format!(
@@ -1053,4 +1079,42 @@ pub fn sweep_main(binary: &'static str, about: &'static str) -> Result<()> {
         println!("wrote {}", p.display());
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    /// A reference written by an older revision (cells whose train configs use since-renamed
+    /// fields, no provenance) still compares number by number, and says it is unrecorded.
+    #[test]
+    fn old_references_still_compare() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        #[derive(Deserialize)]
+        struct F {
+            cells: Vec<CellResult>,
+        }
+        let ours: F = serde_json::from_str(
+            &std::fs::read_to_string(root.join("results/quickstart/results.json")).unwrap(),
+        )
+        .unwrap();
+        let old = root.join("results/ablation/results.json");
+        assert!(
+            serde_json::from_str::<F>(&std::fs::read_to_string(&old).unwrap()).is_err(),
+            "the old reference no longer parses as cells (else this test tests nothing)"
+        );
+        let rep = compare_with_reference(&old, &ours.cells).unwrap();
+        let dq = ours.cells.iter().find(|c| c.name == "dense-quant").unwrap();
+        let piqa = dq.task("piqa").unwrap();
+        let line = rep
+            .lines()
+            .find(|l| l.starts_with("dense-quant") && l.contains(" piqa "))
+            .unwrap_or_else(|| panic!("{rep}"));
+        assert!(
+            line.contains(&format!("{:.1}", 100.0 * piqa.score)),
+            "{line}"
+        );
+        assert!(rep.contains("unrecorded"), "{rep}");
+        assert!(rep.contains("(no reference cell of this name)"), "{rep}");
+    }
 }
