@@ -53,8 +53,9 @@ impl ModelArgs {
 /// Storage and compute dtype of the model.
 #[derive(Args, Debug, Clone)]
 pub struct DtypeArg {
-    /// f32, or bf16 (CUDA only).
-    #[arg(long, default_value = "f32")]
+    /// f32, bf16 (CUDA, or a CPU whose run-time probe finds a fast bf16 matmul), or auto (bf16 where
+    /// that holds, else f32; the default).
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
 }
 

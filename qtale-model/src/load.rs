@@ -408,12 +408,114 @@ pub fn parse_dtype(s: &str, device: Device) -> Result<Kind> {
     match s {
         "f32" | "float32" => Ok(Kind::Float),
         "bf16" | "bfloat16" if device.is_cuda() => Ok(Kind::BFloat16),
-        "bf16" | "bfloat16" => Err(ModelError::Input(
-            "--dtype bf16 needs --device cuda: this CPU build of libtorch has no fast bf16 matmul"
-                .into(),
-        )),
+        "bf16" | "bfloat16" => {
+            let p = cpu_bf16_probe();
+            if p.fast {
+                Ok(Kind::BFloat16)
+            } else {
+                Err(ModelError::Input(format!(
+                    "--dtype bf16 on this CPU: {} (use f32, auto, or --device cuda)",
+                    p.reason
+                )))
+            }
+        }
+        "auto" if device.is_cuda() => Ok(Kind::BFloat16),
+        "auto" => Ok(if cpu_bf16_probe().fast {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        }),
         _ => Err(ModelError::Input(format!(
-            "--dtype {s}: expected f32 or bf16"
+            "--dtype {s}: expected f32, bf16 or auto"
         ))),
+    }
+}
+
+/// Whether this CPU runs libtorch's bf16 matmul fast, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bf16Probe {
+    pub fast: bool,
+    pub reason: String,
+}
+
+/// The run-time bf16 decision on CPU: without AVX512-BF16 or AMX-BF16 (`/proc/cpuinfo` flags)
+/// libtorch has no fast bf16 path (measured: a 2048^2 bf16 matmul takes a minute on Zen 3), so the
+/// answer is no without running anything; with them, a 256^3 matmul is timed in f32 and bf16 and bf16
+/// must be at least as fast (on an AMX Xeon it is about 5x faster). Computed once per process;
+/// `QTALE_CPU_BF16=0|1` overrides it (say so in a result: the dtype is part of its numerics).
+pub fn cpu_bf16_probe() -> Bf16Probe {
+    static PROBE: std::sync::OnceLock<Bf16Probe> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            if let Ok(v) = std::env::var("QTALE_CPU_BF16") {
+                return Bf16Probe {
+                    fast: v == "1",
+                    reason: format!("QTALE_CPU_BF16={v}"),
+                };
+            }
+            let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+            if !(has("avx512_bf16") || has("amx_bf16")) {
+                return Bf16Probe {
+                    fast: false,
+                    reason: "no avx512_bf16 / amx_bf16 CPU flag (libtorch's bf16 matmul is slow \
+                             without them)"
+                        .into(),
+                };
+            }
+            let time = |k: Kind| {
+                let _g = tch::no_grad_guard();
+                let a = Tensor::ones([256, 256], (k, Device::Cpu));
+                let _ = a.matmul(&a); // warm-up
+                let t0 = std::time::Instant::now();
+                for _ in 0..4 {
+                    let _ = a.matmul(&a);
+                }
+                t0.elapsed().as_secs_f64()
+            };
+            let (f, b) = (time(Kind::Float), time(Kind::BFloat16));
+            Bf16Probe {
+                fast: b <= f,
+                reason: format!(
+                    "256^3 matmul: bf16 {:.2} ms vs f32 {:.2} ms",
+                    b * 250.0,
+                    f * 250.0
+                ),
+            }
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod dtype_tests {
+    use super::*;
+
+    /// The CPU dtype follows the probe: `auto` is bf16 exactly where the probe finds it fast, and an
+    /// explicit bf16 is refused (naming the reason) where it does not; CUDA is bf16 under `auto`.
+    #[test]
+    fn dtype_follows_the_bf16_probe() {
+        let p = cpu_bf16_probe();
+        let auto = parse_dtype("auto", Device::Cpu).unwrap();
+        assert_eq!(auto == Kind::BFloat16, p.fast, "{p:?}");
+        match parse_dtype("bf16", Device::Cpu) {
+            Ok(k) => assert!(p.fast && k == Kind::BFloat16),
+            Err(e) => assert!(!p.fast && e.to_string().contains(&p.reason), "{e}"),
+        }
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        if std::env::var("QTALE_CPU_BF16").is_err()
+            && !flags.contains("avx512_bf16")
+            && !flags.contains("amx_bf16")
+        {
+            assert!(!p.fast && p.reason.contains("flag"), "{p:?}");
+        }
+        assert_eq!(parse_dtype("f32", Device::Cpu).unwrap(), Kind::Float);
+        assert_eq!(
+            parse_dtype("auto", Device::Cuda(0)).unwrap(),
+            Kind::BFloat16
+        );
+        assert!(parse_dtype("f16", Device::Cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("f32, bf16 or auto"));
     }
 }
