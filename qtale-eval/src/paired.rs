@@ -323,18 +323,10 @@ mod tests {
     #[test]
     fn paired_interval_and_counts() {
         // 100 docs: b fixes 12 docs that a gets wrong and breaks 2 it gets right
-        let mut a = vec![0.0; 100];
-        let mut b = vec![0.0; 100];
-        for i in 0..50 {
-            a[i] = 1.0;
-            b[i] = 1.0;
-        }
-        for i in 50..62 {
-            b[i] = 1.0;
-        }
-        for i in 62..64 {
-            a[i] = 1.0;
-        }
+        let a: Vec<f64> = (0..100)
+            .map(|i| f64::from(i < 50 || (62..64).contains(&i)))
+            .collect();
+        let b: Vec<f64> = (0..100).map(|i| f64::from(i < 62)).collect();
         let r = paired("t", &a, &b, &BootstrapOptions::default()).unwrap();
         assert_eq!((r.n, r.b_only, r.a_only), (100, Some(12), Some(2)));
         assert!((r.mean - 0.10).abs() < 1e-12);

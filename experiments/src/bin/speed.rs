@@ -8,7 +8,7 @@
 //! `qtale_router::NativeRouted`); `tch`: the tch decode loop. With `--llama-bench`, llama.cpp's
 //! `llama-bench` runs on the given GGUF files in the same rounds (one repetition per round,
 //! interleaved with the variants), and every variant's decode is printed as a ratio to each of them.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -111,8 +111,8 @@ impl LlamaRow {
 
 /// One repetition of llama-bench on `model`: pp<P>, tg<N> at depth 0 and at depth P.
 fn llama_bench(
-    bin: &PathBuf,
-    model: &PathBuf,
+    bin: &Path,
+    model: &Path,
     prompt: usize,
     n: usize,
     threads: i32,
