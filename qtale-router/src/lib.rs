@@ -16,7 +16,7 @@
 //!   [`TrainableRouter`] trait the trainer and the experiment cells use; add a kind = one file + one
 //!   registry line.
 //! * [`native`]: [`NativeRouted`], routed batch-1 decode on the model crate's native CPU decoder
-//!   (each router's [`NativeGate`]: the same decision in plain f32).
+//!   ([`gate`]: each router's [`NativeGate`], the same decision in plain f32).
 //! * [`calibrate`]: theta by bisection to a target ratio, or by a grid search on a caller's score.
 //! * [`analysis`]: router logit-gap histograms and Gumbel flip rates per layer.
 //! * [`splitmix`]: the SplitMix64 hash (random router decisions, the trainer's per-step seeds).
@@ -26,6 +26,7 @@ pub mod calibrate;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod gate;
 pub mod kinds;
 pub mod native;
 pub mod routed;
@@ -42,8 +43,9 @@ pub use calibrate::{
 pub use config::{KvPolicy, RoutingConfig};
 pub use decoder::RoutedDecoder;
 pub use error::{Result, RouterError};
+pub use gate::NativeGate;
 pub use kinds::{RouterBuild, RouterSpec, TrainableRouter};
-pub use native::{NativeExecCounts, NativeGate, NativeRouted};
+pub use native::{NativeExecCounts, NativeRouted};
 pub use routed::{hard_gumbel, ForwardOptions, Mode, RoutedHidden, RoutedLlama, RoutedOutput};
 pub use router::{logits_from_mask, DenseRouter, DllmRouter, RandomRouter, Router, StaticRouter};
 pub use stats::ExecStats;

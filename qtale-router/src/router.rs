@@ -16,7 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::batch::CalibBatch;
 use crate::config::RoutingConfig;
 use crate::error::{Result, RouterError};
-use crate::native::{f32_vec, rule_p, DllmGate, NativeGate, NativeMlp, Scratch};
+use crate::gate::{f32_vec, rule_p, DllmGate, NativeGate, NativeMlp, Scratch};
 use crate::splitmix::splitmix64;
 
 /// Logit gap used by the rule-based routers: `softmax([0, SURE])[1]` is exactly 1.0 in f32, and
@@ -106,7 +106,7 @@ impl Router for DenseRouter {
 
 impl NativeGate for DenseRouter {
     fn p_exec(&self, _layer: usize, _x: &[f32], _pos: usize) -> f32 {
-        rule_p(true)
+        rule_p(SURE, true)
     }
 }
 
@@ -191,7 +191,7 @@ impl Router for StaticRouter {
 
 impl NativeGate for StaticRouter {
     fn p_exec(&self, layer: usize, _x: &[f32], _pos: usize) -> f32 {
-        rule_p(!self.skipped.contains(&layer))
+        rule_p(SURE, !self.skipped.contains(&layer))
     }
 }
 
@@ -240,7 +240,7 @@ impl Router for RandomRouter {
 /// Batch 1: row 0, as in the tch path's single-sequence decode.
 impl NativeGate for RandomRouter {
     fn p_exec(&self, layer: usize, _x: &[f32], pos: usize) -> f32 {
-        rule_p(self.decide(layer, 0, pos as i64))
+        rule_p(SURE, self.decide(layer, 0, pos as i64))
     }
 }
 
