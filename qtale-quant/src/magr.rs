@@ -103,9 +103,7 @@ pub fn project_l1_ball(x: &Tensor) -> Tensor {
     let cs = mu.cumsum(-1, Kind::Float);
     let j = Tensor::arange_start(1, d + 1, (Kind::Float, x.device()));
     let ok = (&mu * &j).gt_tensor(&(&cs - 1.0));
-    let rho = (ok.to_kind(Kind::Float) * &j)
-        .amax(-1, true)
-        .clamp_min(1.0);
+    let rho = (ok.to_kind(Kind::Float) * &j).amax(-1, true).clamp_min(1.0);
     let at = (&rho - 1.0).to_kind(Kind::Int64);
     let theta = (cs.gather(-1, &at, false) - 1.0) / &rho;
     let proj = (&ax - theta).clamp_min(0.0) * x.sign();
@@ -245,13 +243,17 @@ mod tests {
     fn l1_projection_hand_cases() {
         // |x|_1 = 6 > 1: mu = [3, 2, 1], cumsum - 1 = [2, 4, 5], j mu = [3, 4, 3] -> rho = 1,
         // theta = 2: [1, 0, 0]. Inside the ball: unchanged. Zero row: unchanged.
-        let x = Tensor::from_slice(&[3.0f32, 1.0, -2.0, 0.2, -0.3, 0.1, 0.0, 0.0, 0.0]).view([3, 3]);
+        let x =
+            Tensor::from_slice(&[3.0f32, 1.0, -2.0, 0.2, -0.3, 0.1, 0.0, 0.0, 0.0]).view([3, 3]);
         let p = Vec::<f32>::try_from(project_l1_ball(&x).reshape([-1])).unwrap();
         assert_eq!(p, [1.0, 0.0, 0.0, 0.2, -0.3, 0.1, 0.0, 0.0, 0.0]);
         // [0.8, -0.6]: |x|_1 = 1.4, theta = 0.2 -> [0.6, -0.4]
         let y = Tensor::from_slice(&[0.8f32, -0.6]).view([1, 2]);
         let p = Vec::<f32>::try_from(project_l1_ball(&y).reshape([-1])).unwrap();
-        assert!((p[0] - 0.6).abs() < 1e-6 && (p[1] + 0.4).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 0.6).abs() < 1e-6 && (p[1] + 0.4).abs() < 1e-6,
+            "{p:?}"
+        );
         // The prox of a * |.|_inf caps the largest magnitudes: v = [3, 1, -2], a = 1.5 -> the l1 mass
         // 1.5 is taken off the top: [1.75, 1, -1.75].
         let v = Tensor::from_slice(&[3.0f32, 1.0, -2.0]).view([1, 3]);
