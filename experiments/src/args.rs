@@ -65,3 +65,85 @@ impl DtypeArg {
         Ok(parse_dtype(&self.dtype, device)?)
     }
 }
+
+/// A method spec of `--methods`: `NAME[+THEN][@KEY=VALUE]...`, e.g. `gptq`, `magr+gptq`,
+/// `wanda@sparsity=0.5`, `magnitude+rtn@nm=2:4`, `magr+rtn@alpha=0.001@iters=150`. `+THEN` is the
+/// `then` option (the quantizer after MagR or pruning); each `@KEY=VALUE` one more option, the value
+/// read as JSON when it parses (numbers, `true`), else as a string. Returns the registered name and
+/// its options (`null` when there are none).
+pub fn method_spec(spec: &str) -> Result<(String, serde_json::Value)> {
+    let mut parts = spec.split('@');
+    let head = parts.next().unwrap_or_default();
+    let (name, then) = match head.split_once('+') {
+        Some((n, t)) => (n, Some(t)),
+        None => (head, None),
+    };
+    anyhow::ensure!(
+        !name.is_empty(),
+        "method spec `{spec}`: no method name (NAME[+THEN][@KEY=VALUE]...)"
+    );
+    let mut options = serde_json::Map::new();
+    if let Some(t) = then {
+        anyhow::ensure!(
+            !t.is_empty() && !t.contains('+'),
+            "method spec `{spec}`: `+THEN` must name one quantizer"
+        );
+        options.insert("then".into(), serde_json::Value::String(t.into()));
+    }
+    for kv in parts {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("method spec `{spec}`: `@{kv}` is not @KEY=VALUE"))?;
+        anyhow::ensure!(!k.is_empty(), "method spec `{spec}`: `@{kv}` has no key");
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+        anyhow::ensure!(
+            options.insert(k.into(), value).is_none(),
+            "method spec `{spec}`: option `{k}` given twice"
+        );
+    }
+    let options = if options.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::Object(options)
+    };
+    Ok((name.to_string(), options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn method_specs() {
+        let s = |x| method_spec(x).unwrap();
+        assert_eq!(s("gptq"), ("gptq".into(), serde_json::Value::Null));
+        assert_eq!(s("magr+gptq"), ("magr".into(), json!({"then": "gptq"})));
+        assert_eq!(
+            s("wanda+rtn@nm=2:4"),
+            ("wanda".into(), json!({"then": "rtn", "nm": "2:4"}))
+        );
+        assert_eq!(
+            s("magr+rtn@alpha=0.001@iters=150"),
+            (
+                "magr".into(),
+                json!({"then": "rtn", "alpha": 0.001, "iters": 150})
+            )
+        );
+        assert_eq!(
+            s("magnitude@sparsity=0.5@scope=row"),
+            ("magnitude".into(), json!({"sparsity": 0.5, "scope": "row"}))
+        );
+        for bad in [
+            "",
+            "+gptq",
+            "magr+",
+            "wanda@0.5",
+            "wanda@=1",
+            "magr+rtn@then=gptq",
+            "a+b+c",
+        ] {
+            assert!(method_spec(bad).is_err(), "{bad}");
+        }
+    }
+}

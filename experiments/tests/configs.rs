@@ -185,6 +185,49 @@ fn first_cell_error(text: &str) -> String {
     }
 }
 
+/// MagR and the pruning methods are selected by name, with their options, like any quantizer.
+#[test]
+fn magr_and_pruning_are_selectable_in_configs() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "description = \"x\"\n\
+         [[variants]]\nname = \"magr\"\n\
+         quant = { method = \"magr\", bits = 3, group_size = 64, options = { then = \"gptq\", alpha = 0.0001, iters = 150 } }\n\
+         [[variants]]\nname = \"wanda\"\n\
+         quant = { method = \"wanda\", bits = 4, group_size = 64, options = { nm = \"2:4\", then = \"rtn\" } }\n\
+         [[variants]]\nname = \"magnitude\"\n\
+         quant = { method = \"magnitude\", bits = 4, options = { sparsity = 0.5 } }\n",
+    );
+    let f = ExperimentFile::read(&p).unwrap();
+    let cs: Vec<_> = f
+        .expand()
+        .unwrap()
+        .into_iter()
+        .map(|v| to_cell(v, &args(&[])).unwrap())
+        .collect();
+    let q: Vec<(String, Value)> = cs
+        .iter()
+        .map(|c| {
+            let q = c.quant.as_ref().unwrap();
+            (q.method.clone(), q.options.clone())
+        })
+        .collect();
+    assert_eq!(q[0].0, "magr");
+    assert_eq!(q[0].1["then"], "gptq");
+    assert_eq!(q[1].1["nm"], "2:4");
+    assert_eq!(q[2].0, "magnitude");
+    for c in &cs {
+        let m = c.quant.as_ref().unwrap();
+        assert_eq!(
+            qtale_quant::quantizer(&m.method, &m.options)
+                .unwrap()
+                .name(),
+            m.method
+        );
+    }
+}
+
 #[test]
 fn bad_configs_are_named_errors() {
     let cases = [
@@ -192,6 +235,10 @@ fn bad_configs_are_named_errors() {
         ("description = \"x\"\nvariant = []\n", "variant"),
         ("description = \"x\"\n[[variants]]\nname = \"a\"\nquant = { method = \"rtn\", bits = 5 }\n", "bit width 5"),
         ("description = \"x\"\n[[variants]]\nname = \"a\"\nquant = { method = \"zip\", bits = 4 }\n", "zip"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\nquant = { method = \"magr\", bits = 3, options = { alpha = -1.0 } }\n", "`alpha`"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\nquant = { method = \"magr\", bits = 3, options = { then = \"zip\" } }\n", "zip"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\nquant = { method = \"wanda\", bits = 4, options = { nm = \"4:2\" } }\n", "`nm`"),
+        ("description = \"x\"\n[[variants]]\nname = \"a\"\nquant = { method = \"magnitude\", bits = 4, options = { sparsity = 1.5 } }\n", "`sparsity`"),
         ("description = \"x\"\n[[variants]]\nname = \"a\"\ntheta = { rule = \"fixed\", theta = 0.5 }\n", "routed"),
         ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.train]\npreset = \"dllm\"\nconfig = { lambda_entropi = 1.0 }\n", "lambda_entropi"),
         ("description = \"x\"\n[[variants]]\nname = \"a\"\n[variants.train]\npreset = \"fast\"\n", "fast"),

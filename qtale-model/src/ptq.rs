@@ -137,6 +137,24 @@ impl QuantizeSummary {
         }
         b as f64 * 8.0 / n.max(1) as f64
     }
+
+    /// Fraction of exactly zero weights over all compressed linears (pruning's sparsity; quantized
+    /// weights count their codes at the zero point).
+    pub fn zero_fraction(&self) -> f64 {
+        let count = |t: &Tensor| {
+            (
+                t.eq(0.0).sum(Kind::Int64).int64_value(&[]) as usize,
+                t.numel(),
+            )
+        };
+        let (z, n) = self
+            .packed
+            .iter()
+            .map(|(_, p)| count(&p.dequantize()))
+            .chain(self.dense.iter().map(|(_, t)| count(t)))
+            .fold((0, 0), |(z, n), (a, b)| (z + a, n + b));
+        z as f64 / n.max(1) as f64
+    }
 }
 
 /// Calibration batches through the model up to the current block.

