@@ -890,6 +890,26 @@ pub struct PairedRow {
     pub p_mcnemar: Option<f64>,
 }
 
+impl PairedRow {
+    /// The row of `b - a` on `task` from a paired difference (fractions turned into points).
+    fn new(a: &str, b: &str, task: &str, d: &qtale_eval::paired::PairedDiff) -> Self {
+        PairedRow {
+            a: a.to_string(),
+            b: b.to_string(),
+            task: task.to_string(),
+            n: d.n,
+            diff: 100.0 * d.mean,
+            stderr: 100.0 * d.stderr,
+            ci_lo: 100.0 * d.lo,
+            ci_hi: 100.0 * d.hi,
+            level: d.level,
+            b_only: d.b_only,
+            a_only: d.a_only,
+            p_mcnemar: d.p_mcnemar,
+        }
+    }
+}
+
 /// Per-doc paired differences between cells scored on the same docs: per task and for CSQA-7 (docs
 /// resampled within each task), as text and rows. Pairs whose cells lack per-doc scores or differ in
 /// their docs are listed as not comparable, never silently compared on different docs.
@@ -924,20 +944,7 @@ pub fn paired_report(
             if qtale_eval::tasks::CSQA7.contains(&ta.task.as_str()) {
                 csqa.push((ta.task.clone(), xa, xb));
             }
-            rows.push(PairedRow {
-                a: an.clone(),
-                b: bn.clone(),
-                task: ta.task.clone(),
-                n: d.n,
-                diff: 100.0 * d.mean,
-                stderr: 100.0 * d.stderr,
-                ci_lo: 100.0 * d.lo,
-                ci_hi: 100.0 * d.hi,
-                level: d.level,
-                b_only: d.b_only,
-                a_only: d.a_only,
-                p_mcnemar: d.p_mcnemar,
-            });
+            rows.push(PairedRow::new(an, bn, &ta.task, &d));
         }
         if csqa.len() == qtale_eval::tasks::CSQA7.len() {
             let t: Vec<(&str, &[f64], &[f64])> = csqa
@@ -945,20 +952,7 @@ pub fn paired_report(
                 .map(|(n, x, y)| (n.as_str(), x.as_slice(), y.as_slice()))
                 .collect();
             let d = paired_macro(&t, &opts)?;
-            rows.push(PairedRow {
-                a: an.clone(),
-                b: bn.clone(),
-                task: "csqa7".into(),
-                n: d.n,
-                diff: 100.0 * d.mean,
-                stderr: 100.0 * d.stderr,
-                ci_lo: 100.0 * d.lo,
-                ci_hi: 100.0 * d.hi,
-                level: d.level,
-                b_only: None,
-                a_only: None,
-                p_mcnemar: None,
-            });
+            rows.push(PairedRow::new(an, bn, "csqa7", &d));
         }
     }
     let mut text = format!(
