@@ -9,7 +9,9 @@
 //!
 //! Resampling: Efron's percentile bootstrap on doc indices, the same indices for both variants; for a
 //! macro average, each task's docs are resampled within the task (stratified), and the average of the
-//! per-task mean differences is taken per resample. Deterministic: a SplitMix64-seeded xorshift stream.
+//! per-task mean differences is taken per resample. Deterministic: `rand`'s `StdRng` from a fixed seed.
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -78,30 +80,6 @@ impl BootstrapOptions {
             )));
         }
         Ok(())
-    }
-}
-
-/// xorshift64* seeded through SplitMix64: small, fast, deterministic across platforms.
-struct Stream(u64);
-
-impl Stream {
-    fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Stream((z ^ (z >> 31)) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-40 for n < 2^24).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32).wrapping_mul(n as u64) >> 32) as usize
     }
 }
 
@@ -197,13 +175,13 @@ pub fn paired_macro(
     let k = d.len() as f64;
     let est = d.iter().map(|x| mean(x)).sum::<f64>() / k;
     let se = d.iter().map(|x| stderr(x).powi(2)).sum::<f64>().sqrt() / k;
-    let mut rng = Stream::new(opts.seed);
+    let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut stats: Vec<f64> = (0..opts.resamples)
         .map(|_| {
             d.iter()
                 .map(|x| {
                     let n = x.len();
-                    (0..n).map(|_| x[rng.below(n)]).sum::<f64>() / n as f64
+                    (0..n).map(|_| x[rng.gen_range(0..n)]).sum::<f64>() / n as f64
                 })
                 .sum::<f64>()
                 / k
