@@ -208,17 +208,21 @@ fn run_once(d: &dyn Decoder, prompt: &[i64], n_new: usize) -> Result<(f64, f64, 
 
 /// Native engine: (prefill s, decode-after-prompt s, decode-from-empty s, K/V bytes, routed decode's
 /// execution ratio).
-fn run_native(v: &Variant, n_new: usize) -> Result<(f64, f64, f64, usize, Option<f64>)> {
+fn run_native(
+    v: &Variant,
+    prompt: &[i64],
+    n_new: usize,
+) -> Result<(f64, f64, f64, usize, Option<f64>)> {
     let dec = v.native.as_ref().context("native decoder not built")?;
-    let mut st = dec.new_state(v.prompt.len() + n_new + 1)?;
+    let mut st = dec.new_state(prompt.len() + n_new + 1)?;
     let mut nr = match &v.routed {
         Some(r) => Some(NativeRouted::from_routed(dec, &r.routed)?),
         None => None,
     };
     let t0 = Instant::now();
     let mut next = match (&nr, &v.routed) {
-        (Some(nr), Some(r)) => nr.prefill_tch(&r.routed, &v.prompt, &mut st)?,
-        _ => dec.prefill_tch(v.dense, &v.prompt, &mut st)?,
+        (Some(nr), Some(r)) => nr.prefill_tch(&r.routed, prompt, &mut st)?,
+        _ => dec.prefill_tch(v.dense, prompt, &mut st)?,
     };
     let prefill = t0.elapsed().as_secs_f64();
     let step = |t: i64, st: &mut NativeState, nr: &mut Option<NativeRouted>| -> Result<i64> {
@@ -236,7 +240,7 @@ fn run_native(v: &Variant, n_new: usize) -> Result<(f64, f64, f64, usize, Option
     let ratio = nr.as_ref().and_then(|n| n.counts.ratio());
     st.reset();
     let t2 = Instant::now();
-    let mut next = v.prompt[0];
+    let mut next = prompt[0];
     for _ in 0..n_new {
         next = step(next, &mut st, &mut nr)?;
     }
@@ -289,7 +293,7 @@ fn main() -> Result<()> {
             )?),
             Engine::Tch => None,
         };
-        let mut v = Variant {
+        let v = Variant {
             name: cell.name.clone(),
             dense: &built.lm.model,
             routed,
@@ -303,26 +307,24 @@ fn main() -> Result<()> {
             kv: 0,
         };
         // warm-up
+        let short = &v.prompt[..v.prompt.len().min(16)];
         match a.engine {
             Engine::Native => {
-                let full = std::mem::take(&mut v.prompt);
-                v.prompt = full[..full.len().min(16)].to_vec();
-                run_native(&v, 2)?;
-                v.prompt = full;
+                run_native(&v, short, 2)?;
             }
             Engine::Tch => {
-                run_once(v.decoder(), &v.prompt[..v.prompt.len().min(16)], 2)?;
+                run_once(v.decoder(), short, 2)?;
             }
         }
         variants.push(v);
     }
     let threads = tch::get_num_threads();
-    let mut llama: Vec<Vec<LlamaRow>> = Vec::new();
-    for r in 0..a.reps {
+    let mut llama: Vec<Vec<LlamaRow>> = vec![Vec::new(); a.llama_model.len()];
+    for _ in 0..a.reps {
         for v in &mut variants {
             match a.engine {
                 Engine::Native => {
-                    let (p, t, e, k, ratio) = run_native(v, a.decode_tokens)?;
+                    let (p, t, e, k, ratio) = run_native(v, &v.prompt, a.decode_tokens)?;
                     v.prefill.push(v.prompt.len() as f64 / p);
                     v.decode.push(a.decode_tokens as f64 / t);
                     v.decode_empty.push(a.decode_tokens as f64 / e);
@@ -338,13 +340,8 @@ fn main() -> Result<()> {
             }
         }
         if let Some(bin) = &a.llama_bench {
-            for m in &a.llama_model {
-                let rows = llama_bench(bin, m, a.prompt_len, a.decode_tokens, threads)?;
-                if r == 0 {
-                    llama.push(Vec::new());
-                }
-                let i = a.llama_model.iter().position(|x| x == m).unwrap_or(0);
-                llama[i].extend(rows);
+            for (m, runs) in a.llama_model.iter().zip(&mut llama) {
+                runs.extend(llama_bench(bin, m, a.prompt_len, a.decode_tokens, threads)?);
             }
         }
     }
@@ -449,7 +446,6 @@ fn print_llama(
     println!("| --- | ---: | ---: | --- | ---: |");
     for runs in llama {
         let mut tests: Vec<String> = runs.iter().map(LlamaRow::test).collect();
-        tests.dedup();
         tests.sort();
         tests.dedup();
         let med = |test: &str| {
